@@ -1,0 +1,356 @@
+"""The prior over paths: the Euler–Maruyama discretization of an Itô SDE as a Pyro distribution."""
+
+import torch
+from pyro.distributions import TorchDistribution, constraints
+from torch.distributions import Distribution
+
+from . import _path_record
+from ._grid import TimeGrid, time_first
+from .noise import (
+    DiffusionFactor,
+    apply_scale,
+    check_diffusion_shape,
+    check_noise_type,
+    diffuse,
+    diffusion_event_dim,
+    noise_dim,
+    step_kl,
+    step_log_density,
+)
+
+
+class SimulatedSteps:
+    """Per-step quantities of one simulated path, stacked step-major (``(K, ..., ·)``).
+
+    A path simulated under a noise-space law ``ΔW_k ~ N(h_k u_k, h_k S_k S_kᵀ)`` (``u = 0``,
+    ``S = I`` for the prior) has whitened increments ``z_k = W_k(x_{k+1} - x_k - h_k f_k)``
+    equal to ``ΔW_k`` (or ``Q_k ΔW_k`` when ``m > d``), so both the prior's and the posterior's
+    transition densities follow from the recorded ``ΔW``, ``u``, ``S`` and ``G`` without
+    evaluating the drift again. Results are cached.
+    """
+
+    def __init__(self, dw, h, factor, shift=None, scale=None, covariance="prior"):
+        self.dw = dw
+        self.h = h
+        self.factor = factor
+        self.shift = shift
+        self.scale = scale
+        self.covariance = covariance
+        self._cache = {}
+
+    def _whitened(self):
+        if "whitened" not in self._cache:
+            factor = self.factor
+            if factor.rows is None:
+                z = self.dw
+                law = (self.shift, self.scale, self.covariance)
+            else:
+                z = (factor.rows @ self.dw.unsqueeze(-1)).squeeze(-1)
+                law = (None, None, "prior")
+                if self.shift is not None:
+                    law = factor.to_whitened(self.shift, self.scale, self.covariance)
+            self._cache["whitened"] = z, law
+        return self._cache["whitened"]
+
+    def prior_log_prob(self) -> torch.Tensor:
+        """``Σ_k log p(x_{k+1} | x_k)``, shape ``sample + batch``."""
+        if "prior" not in self._cache:
+            z, _ = self._whitened()
+            lp = step_log_density(z, self.h) - self.factor.log_volume
+            self._cache["prior"] = lp.sum(0)
+        return self._cache["prior"]
+
+    def posterior_log_prob(self) -> torch.Tensor:
+        """``Σ_k log q(x_{k+1} | x_k)`` under the recorded control, shape ``sample + batch``."""
+        if "posterior" not in self._cache:
+            z, (shift, scale, covariance) = self._whitened()
+            lq = step_log_density(z, self.h, shift, scale, covariance) - self.factor.log_volume
+            self._cache["posterior"] = lq.sum(0)
+        return self._cache["posterior"]
+
+    def kl(self) -> torch.Tensor:
+        """``Σ_k KL(q(· | x_k) ‖ p(· | x_k))`` at the visited states (the Girsanov energy)."""
+        _, (shift, scale, covariance) = self._whitened()
+        return step_kl(self.h, shift, scale, covariance).sum(0)
+
+
+def simulate(law, x0, eps, control=None):
+    """Simulate ``x_{k+1} = x_k + h_k f(t_k, x_k) + G(t_k, x_k) ΔW_k`` from ``x0``.
+
+    :param EulerMaruyama law: drift, diffusion, noise type and grid.
+    :param torch.Tensor x0: initial states ``(..., d)``.
+    :param torch.Tensor eps: standard normal noise ``(K, ..., m)``.
+    :param control: ``None`` for the prior (``ΔW_k = sqrt(h_k) ξ_k``), else an object with
+        ``covariance`` and ``at_step(k, t, h, x) -> (u, S)``:
+        ``ΔW_k = h_k u_k + sqrt(h_k) S_k ξ_k``.
+    :returns: ``(path, steps)``: the path ``(..., K+1, d)`` and its :class:`SimulatedSteps`.
+    """
+    grid, drift, noise_type = law.grid, law.drift, law.noise_type
+    constant_g = not callable(law.diffusion)
+    g = law.diffusion
+    _, h_all = grid.stacked(eps.dim())
+    noise = h_all.sqrt() * eps if control is None else eps
+    covariance = "prior" if control is None else control.covariance
+    x = x0
+    xs, dws, gs, us, scales = [x0], [], [], [], []
+    for k in range(grid.num_steps):
+        t, h = grid.step(k)
+        f = drift(t, x)
+        if not constant_g:
+            g = law.diffusion(t, x)
+            gs.append(g)
+        if control is None:
+            dw = noise[k]
+        else:
+            u, scale = control.at_step(k, t, h, x)
+            dw = h * u + h.sqrt() * apply_scale(scale, noise[k], covariance)
+            us.append(u)
+            scales.append(scale)
+        x = x + h * f + diffuse(noise_type, g, dw)
+        xs.append(x)
+        dws.append(dw)
+    path = torch.stack(xs, dim=-2)
+    if law._validate_args:
+        _check_finite(path, grid)
+    dw = torch.stack(dws)
+    factor = DiffusionFactor(noise_type, g if constant_g else torch.stack(gs))
+    h_steps = h_all.squeeze(-1)
+    if control is None:
+        return path, SimulatedSteps(dw, h_steps, factor)
+    shift = torch.stack(us)
+    scale = None if covariance == "prior" else torch.stack(scales)
+    return path, SimulatedSteps(dw, h_steps, factor, shift, scale, covariance)
+
+
+def _check_finite(path, grid):
+    finite = torch.isfinite(path).all(-1)  # (..., K+1)
+    if bool(finite.all()):
+        return
+    bad = (~finite).reshape(-1, finite.shape[-1]).any(0)
+    k = int(bad.nonzero()[0, 0])
+    t = grid.times[..., k].reshape(-1)[0].item()
+    raise ValueError(
+        f"the simulated path became non-finite at step {k} (t = {t:.6g}); the drift or "
+        f"diffusion is unstable for this step size, or the parameters are out of range"
+    )
+
+
+class EulerMaruyama(TorchDistribution):
+    r"""The law of the Euler–Maruyama discretization of the Itô SDE
+    ``dX = f(t, X) dt + G(t, X) dW`` on a grid ``t_0 < ... < t_K``:
+
+        ``x_0 ~ init``,
+        ``x_{k+1} = x_k + h_k f(t_k, x_k) + G(t_k, x_k) ΔW_k``,  ``ΔW_k ~ N(0, h_k I_m)``,
+
+    with ``h_k = t_{k+1} - t_k``. This is Tzen & Raginsky's deep latent Gaussian model with
+    ``K`` layers; as ``K → ∞`` it converges to the SDE.
+
+    ``event_shape = (K + 1, d)``: a value is a whole path, ``value[..., k, :]`` the state at
+    ``times[..., k]``. ``batch_shape`` broadcasts the batch shapes of ``init``, ``times`` and
+    the drift/diffusion outputs (parameters sampled inside plates carry plate dims).
+
+    :param callable drift: ``f(t, x) -> (..., d)``; ``x`` is ``(..., d)`` and ``t`` broadcasts
+        against ``x[..., :1]``. In :meth:`log_prob` all ``K`` steps are evaluated in one call,
+        with the step axis leftmost: ``x`` is ``(K, ..., d)``, ``t`` is ``(K, 1, ..., 1)``.
+        Must be a pure tensor function.
+    :param diffusion: a tensor, or a callable ``G(t, x)``, shaped as ``noise_type`` requires
+        (see :mod:`pyro_nsde.noise`): ``"diagonal"`` ``(..., d)``; ``"scalar"`` ``(..., d, 1)``;
+        ``"general"``/``"additive"`` ``(..., d, m)``.
+    :param init: the law of ``x_0``: a distribution with ``event_shape == (d,)``, or a tensor
+        ``(..., d)`` for a known initial state (then ``value[..., 0, :]`` is taken to equal it).
+    :param torch.Tensor times: ``(K+1,)`` or ``(..., K+1)``, strictly increasing; its dtype and
+        device are those of the path.
+    :param str noise_type: ``"diagonal"``, ``"scalar"``, ``"general"`` or ``"additive"``.
+
+    :meth:`log_prob` is the exact density of the discretized path with respect to Lebesgue
+    measure on ``x_0`` (none when ``init`` is a tensor) times, for each step, the
+    ``rank(G)``-dimensional Lebesgue measure on ``x_k + h_k f + range(G)`` (Lebesgue measure
+    on ``R^d`` for invertible ``G``); see :mod:`pyro_nsde.noise`.
+
+    **References:**
+
+    [1] Belinda Tzen, Maxim Raginsky (2019), "Neural Stochastic Differential Equations: Deep
+        Latent Gaussian Models in the Diffusion Limit", arXiv:1905.09883.
+    [2] Peter E. Kloeden, Eckhard Platen (1992), "Numerical Solution of Stochastic
+        Differential Equations", Springer.
+    """
+
+    arg_constraints = {}
+    support = constraints.independent(constraints.real, 2)
+    has_rsample = True
+
+    def __init__(
+        self,
+        drift,
+        diffusion,
+        init,
+        times,
+        *,
+        noise_type: str = "diagonal",
+        validate_args=None,
+    ):
+        validate = Distribution._validate_args if validate_args is None else validate_args
+        self.noise_type = check_noise_type(noise_type)
+        if not callable(drift):
+            raise TypeError(f"drift must be callable f(t, x), but got {type(drift).__name__}")
+        if not (callable(diffusion) or isinstance(diffusion, torch.Tensor)):
+            raise TypeError(
+                f"diffusion must be a tensor or a callable G(t, x), "
+                f"but got {type(diffusion).__name__}"
+            )
+        self.grid = TimeGrid(times, validate=validate)
+        self.init = init
+        if isinstance(init, Distribution):
+            if len(init.event_shape) != 1:
+                raise ValueError(
+                    f"init must have event_shape (d,), but got {tuple(init.event_shape)}"
+                )
+            state_dim, init_batch = init.event_shape[0], init.batch_shape
+        elif isinstance(init, torch.Tensor):
+            if init.dim() < 1:
+                raise ValueError("init must be a tensor of shape (..., d), but got a scalar")
+            state_dim, init_batch = init.shape[-1], init.shape[:-1]
+        else:
+            raise TypeError(
+                f"init must be a pyro Distribution or a tensor, but got {type(init).__name__}"
+            )
+        self.drift = drift
+        self.diffusion = diffusion
+        batch_shape, self.noise_dim = self._probe(init_batch, state_dim, validate)
+        event_shape = torch.Size((self.grid.num_steps + 1, state_dim))
+        super().__init__(batch_shape, event_shape, validate_args=validate_args)
+
+    def _probe(self, init_batch, state_dim, validate):
+        """Evaluate drift and diffusion once at ``t_0`` to learn shapes (and check them)."""
+        times = self.grid.times
+        batch = torch.broadcast_shapes(init_batch, self.grid.batch_shape)
+        x = times.new_zeros(batch + (state_dim,))
+        t, _ = self.grid.step(0)
+        f = self.drift(t, x)
+        if not isinstance(f, torch.Tensor) or f.dim() < 1 or f.shape[-1] != state_dim:
+            shape = tuple(f.shape) if isinstance(f, torch.Tensor) else type(f).__name__
+            raise ValueError(
+                f"drift {_name(self.drift)} must return a tensor of shape (..., {state_dim}) "
+                f"for x of shape {tuple(x.shape)}, but returned {shape}"
+            )
+        if f.dtype != times.dtype:
+            raise TypeError(
+                f"drift {_name(self.drift)} returned dtype {f.dtype}, but times has dtype "
+                f"{times.dtype}; use one floating point dtype throughout"
+            )
+        g = self.diffusion(t, x) if callable(self.diffusion) else self.diffusion
+        if not isinstance(g, torch.Tensor):
+            raise TypeError(f"diffusion must return a tensor, but returned {type(g).__name__}")
+        name = "diffusion" if not callable(self.diffusion) else f"diffusion {_name(self.diffusion)}"
+        check_diffusion_shape(self.noise_type, g, state_dim, name)
+        if validate and not callable(self.diffusion):
+            if not torch.isfinite(g).all():
+                raise ValueError("diffusion must be finite, but has non-finite entries")
+            if self.noise_type == "diagonal" and not (g != 0).all():
+                raise ValueError(
+                    "diffusion entries must be > 0 for noise_type='diagonal'; for noise on a "
+                    "subset of coordinates pass a (d, m) matrix with noise_type='general'"
+                )
+        g_batch = g.shape[: g.dim() - diffusion_event_dim(self.noise_type)]
+        batch = torch.broadcast_shapes(batch, f.shape[:-1], g_batch)
+        return batch, noise_dim(self.noise_type, g.shape, state_dim)
+
+    @property
+    def times(self) -> torch.Tensor:
+        return self.grid.times
+
+    @property
+    def num_steps(self) -> int:
+        return self.grid.num_steps
+
+    @property
+    def state_dim(self) -> int:
+        return self.event_shape[-1]
+
+    def expand(self, batch_shape, _instance=None):
+        new = self._get_checked_instance(EulerMaruyama, _instance)
+        batch_shape = torch.Size(batch_shape)
+        if torch.broadcast_shapes(self.batch_shape, batch_shape) != batch_shape:
+            raise ValueError(
+                f"cannot expand batch_shape {tuple(self.batch_shape)} to {tuple(batch_shape)}"
+            )
+        new.__dict__.update(self.__dict__)
+        super(EulerMaruyama, new).__init__(batch_shape, self.event_shape, validate_args=False)
+        new._validate_args = self._validate_args
+        return new
+
+    def law_key(self):
+        """A key equal for two instances that define the same transition law."""
+        return _path_record.law_key((self.drift, self.diffusion, self.noise_type, self.times))
+
+    def sample_init(self, sample_shape=torch.Size()):
+        """Draw ``x_0`` of shape ``sample_shape + batch_shape + (d,)`` (reparameterized)."""
+        return _draw_init(self.init, self._extended_shape(sample_shape)[:-2], self.state_dim)
+
+    def rsample(self, sample_shape=torch.Size()) -> torch.Tensor:
+        shape = self._extended_shape(sample_shape)[:-2]
+        x0 = _draw_init(self.init, shape, self.state_dim)
+        eps = x0.new_empty((self.num_steps,) + shape + (self.noise_dim,)).normal_()
+        path, steps = simulate(self, x0, eps)
+        _path_record.attach(path, _path_record.PathRecord(path, self.law_key(), steps, self))
+        return path
+
+    def init_log_prob(self, value: torch.Tensor):
+        """``log p(x_0)``: ``init.log_prob(value[..., 0, :])``, or ``0.`` for a known ``x_0``."""
+        if isinstance(self.init, Distribution):
+            return self.init.log_prob(value[..., 0, :])
+        return 0.0
+
+    def residuals(self, value: torch.Tensor):
+        """Evaluate drift and diffusion on all steps of ``value`` in one call.
+
+        :returns: ``(x, t, h, z, factor)``: states ``(K, ..., d)`` at the start of each step,
+            times ``(K, ..., 1)``, steps ``(K, ...)``, whitened residuals ``z_k = W_k(x_{k+1}
+            - x_k - h_k f(t_k, x_k))`` ``(K, ..., r)`` and the :class:`DiffusionFactor`.
+        """
+        start = value[..., :-1, :]
+        if not isinstance(self.init, Distribution):
+            x0 = self.init.expand(start.shape[:-2] + self.init.shape[-1:])
+            start = torch.cat([x0.unsqueeze(-2), start[..., 1:, :]], dim=-2)
+        x = start.movedim(-2, 0)
+        x_next = value[..., 1:, :].movedim(-2, 0)
+        t, h = self.grid.stacked(x.dim())
+        f = self.drift(t, x)
+        g = self.diffusion(t, x) if callable(self.diffusion) else self.diffusion
+        factor = DiffusionFactor(self.noise_type, g)
+        z = factor.whiten(x_next - x - h * f)
+        return x, t, h.squeeze(-1), z, factor
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        shape = torch.broadcast_shapes(value.shape[:-2], self.batch_shape)
+        record = _path_record.find(value)
+        if record is not None and record.key == self.law_key():
+            transitions = record.steps.prior_log_prob()
+        else:
+            _, _, h, z, factor = self.residuals(value)
+            transitions = (step_log_density(z, h) - factor.log_volume).sum(0)
+        return (self.init_log_prob(value) + transitions).expand(shape)
+
+    def girsanov(self, control, *, init=None, context=None, **kwargs):
+        """The Girsanov (mean-shift) posterior path law with drift ``f + G u``.
+
+        See :class:`~pyro_nsde.girsanov.GirsanovEulerMaruyama` for the arguments.
+        """
+        from .girsanov import GirsanovEulerMaruyama
+
+        return GirsanovEulerMaruyama(self, control, init=init, context=context, **kwargs)
+
+
+def _draw_init(init, shape, state_dim):
+    if isinstance(init, Distribution):
+        return init.expand(shape).rsample()
+    return init.expand(shape + (state_dim,))
+
+
+def _name(fn):
+    return getattr(fn, "__qualname__", None) or type(fn).__name__
+
+
+__all__ = ["EulerMaruyama", "SimulatedSteps", "simulate", "time_first"]

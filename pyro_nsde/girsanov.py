@@ -1,0 +1,210 @@
+"""The Girsanov posterior path law: the prior's Euler–Maruyama chain with controlled noise."""
+
+import torch
+from pyro.distributions import TorchDistribution, constraints
+from torch.distributions import Distribution
+
+from . import _path_record
+from .controls import AffineCoefficients, AffineControl, CallableControl
+from .euler_maruyama import EulerMaruyama, _draw_init, simulate
+from .noise import step_log_density
+
+ESTIMATORS = ("girsanov", "plain", "stl")
+
+
+class GirsanovEulerMaruyama(TorchDistribution):
+    r"""The law of a path of the prior's Euler–Maruyama chain whose Wiener increments are
+    shifted (and optionally rescaled) by a control:
+
+        ``x_0 ~ init``,
+        ``x_{k+1} = x_k + h_k f(t_k, x_k) + G(t_k, x_k) ΔW_k``,
+        ``ΔW_k ~ N(h_k u_k, h_k S_k S_kᵀ)``,  ``(u_k, S_k) = control(t_k, x_k, context_k)``.
+
+    With ``S = I`` this is the Euler–Maruyama chain of the SDE with drift ``f + G u`` (Tzen &
+    Raginsky's variational posterior). It has the prior's grid, diffusion, support and
+    reference measure, so ``log q - log p`` is exact; per step
+
+        ``E[log q - log p | x_k] = ½[tr(S Sᵀ) + h |u|² - m - log det(S Sᵀ)]``
+
+    (``½ h |u|²`` for ``S = I``), restricted to the row space of ``G`` when it is
+    rank-deficient. ``event_shape`` is the prior's ``(K+1, d)``; ``batch_shape`` broadcasts the
+    prior's with those of ``init``, ``context`` and per-series control coefficients.
+
+    :param EulerMaruyama prior: the prior path law.
+    :param control: a callable ``u(t, x, context)`` returning ``u`` ``(..., m)`` or ``(u, S)``
+        (e.g. :class:`~pyro_nsde.ControlNet`), an :class:`~pyro_nsde.AffineControl`, or its
+        :class:`~pyro_nsde.controls.AffineCoefficients`.
+    :param init: the law of ``x_0`` under the posterior (default: the prior's ``init``).
+    :param context: ``batch + (c,)`` (static) or ``batch + (K+1, c)`` (per step), passed to
+        the control; ``context[..., k, :]`` goes with step ``k``.
+    :param str estimator: how :meth:`log_prob` of a path this distribution sampled enters a
+        gradient. All three leave the value exact and the ELBO gradient unbiased:
+        ``"plain"``: the exact log density (pathwise gradient of ``log q``);
+        ``"girsanov"``: the zero-mean terms of ``log p - log q`` (the martingale
+        ``-Σ sqrt(h) u·Sξ`` and the centred quadratic forms of ``ξ``) are dropped from the
+        gradient, leaving ``-Σ KL_k``; meant for ``Trace_ELBO``, where the model scores the
+        same path;
+        ``"stl"``: "sticking the landing": the score ``∂ log q / ∂ params`` at fixed path is
+        dropped (costs one extra vectorized evaluation).
+    :param bool context_per_step: whether ``context`` has a step axis (default: inferred:
+        it does when it has more dims than ``batch + (c,)`` and ``context.shape[-2] == K+1``).
+    :param str covariance: the kind of ``S`` a callable control returns (default: its
+        ``covariance`` attribute, else ``"prior"``).
+
+    **References:**
+
+    [1] Belinda Tzen, Maxim Raginsky (2019), "Neural Stochastic Differential Equations: Deep
+        Latent Gaussian Models in the Diffusion Limit", arXiv:1905.09883.
+    [2] Xuechen Li, Ting-Kam Leonard Wong, Ricky T. Q. Chen, David Duvenaud (2020), "Scalable
+        Gradients for Stochastic Differential Equations", AISTATS.
+    [3] Geoffrey Roeder, Yuhuai Wu, David Duvenaud (2017), "Sticking the Landing: Simple,
+        Lower-Variance Gradient Estimators for Variational Inference", NeurIPS.
+    """
+
+    arg_constraints = {}
+    support = constraints.independent(constraints.real, 2)
+    has_rsample = True
+
+    def __init__(
+        self,
+        prior: EulerMaruyama,
+        control,
+        *,
+        init=None,
+        context=None,
+        estimator: str = "plain",
+        context_per_step: bool | None = None,
+        covariance: str | None = None,
+        validate_args=None,
+    ):
+        if not isinstance(prior, EulerMaruyama):
+            raise TypeError(f"prior must be an EulerMaruyama, but got {type(prior).__name__}")
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {ESTIMATORS}, but got {estimator!r}")
+        self.prior = prior
+        self.estimator = estimator
+        d, num_steps = prior.state_dim, prior.num_steps
+        init = prior.init if init is None else init
+        if isinstance(init, Distribution):
+            if init.event_shape != (d,):
+                raise ValueError(
+                    f"init must have event_shape ({d},), but got {tuple(init.event_shape)}"
+                )
+            init_batch = init.batch_shape
+        elif isinstance(init, torch.Tensor) and init.dim() >= 1 and init.shape[-1] == d:
+            init_batch = init.shape[:-1]
+        else:
+            raise ValueError(f"init must be a distribution or a tensor of shape (..., {d})")
+        self.init = init
+        batch = torch.broadcast_shapes(prior.batch_shape, init_batch)
+        if isinstance(control, AffineControl):
+            control = control()
+        if isinstance(control, AffineCoefficients):
+            if control.loc.shape[0] != num_steps or control.gain.shape[-1] != d:
+                raise ValueError(
+                    f"AffineControl must have num_steps={num_steps} and state_dim={d}, but "
+                    f"has num_steps={control.loc.shape[0]}, state_dim={control.gain.shape[-1]}"
+                )
+            batch = torch.broadcast_shapes(batch, control.batch_shape)
+            self.control = control
+        elif callable(control):
+            if context is not None:
+                if not isinstance(context, torch.Tensor) or context.dim() < 1:
+                    raise ValueError("context must be a tensor of shape batch + (c,)")
+                if context_per_step is None:
+                    context_per_step = (
+                        context.dim() > len(prior.batch_shape) + 1
+                        and context.shape[-2] == num_steps + 1
+                    )
+                if context_per_step and (context.dim() < 2 or context.shape[-2] != num_steps + 1):
+                    raise ValueError(
+                        f"a per-step context must have shape batch + ({num_steps + 1}, c), "
+                        f"but got {tuple(context.shape)}"
+                    )
+                batch = torch.broadcast_shapes(
+                    batch, context.shape[: -2 if context_per_step else -1]
+                )
+            self.control = CallableControl(control, context, bool(context_per_step), covariance)
+        else:
+            raise TypeError(f"control must be callable, but got {type(control).__name__}")
+        super().__init__(batch, prior.event_shape, validate_args=validate_args)
+
+    @property
+    def covariance(self) -> str:
+        return self.control.covariance
+
+    def expand(self, batch_shape, _instance=None):
+        new = self._get_checked_instance(GirsanovEulerMaruyama, _instance)
+        batch_shape = torch.Size(batch_shape)
+        if torch.broadcast_shapes(self.batch_shape, batch_shape) != batch_shape:
+            raise ValueError(
+                f"cannot expand batch_shape {tuple(self.batch_shape)} to {tuple(batch_shape)}"
+            )
+        new.__dict__.update(self.__dict__)
+        super(GirsanovEulerMaruyama, new).__init__(
+            batch_shape, self.event_shape, validate_args=False
+        )
+        new._validate_args = self._validate_args
+        return new
+
+    def _simulate(self, x0, eps):
+        path, steps = simulate(self.prior, x0, eps, control=self.control)
+        record = _path_record.PathRecord(path, self.prior.law_key(), steps, self)
+        _path_record.attach(path, record)
+        return path
+
+    def rsample(self, sample_shape=torch.Size()) -> torch.Tensor:
+        shape = self._extended_shape(sample_shape)[:-2]
+        x0 = _draw_init(self.init, shape, self.prior.state_dim)
+        eps = x0.new_empty((self.prior.num_steps,) + shape + (self.prior.noise_dim,)).normal_()
+        return self._simulate(x0, eps)
+
+    def skeleton(self, sample_shape=torch.Size()) -> torch.Tensor:
+        """The noise-free controlled path from the mean of ``init`` (``ξ = 0``).
+
+        For a linear SDE with an affine control the posterior is Gaussian and this is its
+        mean path; in general it is a typical path, not the mean.
+        """
+        shape = self._extended_shape(sample_shape)[:-2]
+        init = self.init.mean if isinstance(self.init, Distribution) else self.init
+        x0 = init.expand(shape + (self.prior.state_dim,))
+        eps = x0.new_zeros((self.prior.num_steps,) + shape + (self.prior.noise_dim,))
+        return self._simulate(x0, eps)
+
+    def _init_log_prob(self, value):
+        if isinstance(self.init, Distribution):
+            return self.init.log_prob(value[..., 0, :])
+        return 0.0
+
+    def _exact_log_prob(self, value):
+        x, t, h, z, factor = self.prior.residuals(value)
+        u, scale = self.control.at_all_steps(t, h.unsqueeze(-1), x)
+        shift, scale, covariance = factor.to_whitened(u, scale, self.covariance)
+        lq = step_log_density(z, h, shift, scale, covariance) - factor.log_volume
+        return self._init_log_prob(value) + lq.sum(0)
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        shape = torch.broadcast_shapes(value.shape[:-2], self.batch_shape)
+        record = _path_record.find(value)
+        if record is None or record.owner is not self:
+            return self._exact_log_prob(value).expand(shape)
+        steps = record.steps
+        lq = self._init_log_prob(value) + steps.posterior_log_prob()
+        if torch.is_grad_enabled():
+            if self.estimator == "girsanov":
+                # log p - log q = -Σ KL_k + (zero-mean terms); drop their gradient.
+                zero_mean = steps.prior_log_prob() - steps.posterior_log_prob() + steps.kl()
+                lq = lq + (zero_mean - zero_mean.detach())
+            elif self.estimator == "stl":
+                lq = lq.detach() + self._path_gradient_surrogate(value)
+        return lq.expand(shape)
+
+    def _path_gradient_surrogate(self, value):
+        """Zero-valued term whose gradient is ``∇_x log q(x) · ∂x/∂params``."""
+        point = value.detach().requires_grad_()
+        with torch.enable_grad():
+            (score,) = torch.autograd.grad(self._exact_log_prob(point).sum(), point)
+        surrogate = (score * value).sum((-1, -2))
+        return surrogate - surrogate.detach()
