@@ -117,8 +117,11 @@ def simulate(law, x0, eps, control=None):
     h_steps = h_all.squeeze(-1)
     if control is None:
         return path, SimulatedSteps(dw, h_steps, factor)
-    shift = torch.stack(us)
-    scale = None if covariance == "prior" else torch.stack(scales)
+    # Controls may return fewer batch dims than the state; align them step-major.
+    shift = time_first(torch.stack(us), dw.dim())
+    scale = None
+    if covariance != "prior":
+        scale = time_first(torch.stack(scales), dw.dim() + (covariance == "full"))
     return path, SimulatedSteps(dw, h_steps, factor, shift, scale, covariance)
 
 
