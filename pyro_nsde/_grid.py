@@ -53,10 +53,11 @@ class TimeGrid:
         # Step-major views with a trailing singleton, for the sequential loop.
         self._t_steps = times[..., :-1].unsqueeze(-1).movedim(-2, 0)
         self._h_steps = self.h.unsqueeze(-1).movedim(-2, 0)
+        self._sqrt_h_steps = self._h_steps.sqrt()
 
     def step(self, k: int):
-        """``(t_k, h_k)``, each of shape ``grid_batch + (1,)``."""
-        return self._t_steps[k], self._h_steps[k]
+        """``(t_k, h_k, sqrt(h_k))``, each of shape ``grid_batch + (1,)``."""
+        return self._t_steps[k], self._h_steps[k], self._sqrt_h_steps[k]
 
     def stacked(self, ndim: int):
         """``(t, h)`` of shape ``(K, 1, ..., 1, *grid_batch, 1)`` with ``ndim`` dims."""

@@ -1,6 +1,7 @@
 """The prior over paths: the Euler–Maruyama discretization of an Itô SDE as a Pyro distribution."""
 
 import torch
+import torch.utils.checkpoint
 from pyro.distributions import TorchDistribution, constraints
 from torch.distributions import Distribution
 
@@ -74,7 +75,7 @@ class SimulatedSteps:
         return step_kl(self.h, shift, scale, covariance).sum(0)
 
 
-def simulate(law, x0, eps, control=None):
+def simulate(law, x0, eps, control=None, checkpoint_every=None):
     """Simulate ``x_{k+1} = x_k + h_k f(t_k, x_k) + G(t_k, x_k) ΔW_k`` from ``x0``.
 
     :param EulerMaruyama law: drift, diffusion, noise type and grid.
@@ -83,46 +84,73 @@ def simulate(law, x0, eps, control=None):
     :param control: ``None`` for the prior (``ΔW_k = sqrt(h_k) ξ_k``), else an object with
         ``covariance`` and ``at_step(k, t, h, x) -> (u, S)``:
         ``ΔW_k = h_k u_k + sqrt(h_k) S_k ξ_k``.
+    :param int checkpoint_every: if set (and gradients are on), run the loop in blocks of this
+        many steps under :func:`torch.utils.checkpoint.checkpoint`: the activations inside the
+        drift, diffusion and control are recomputed in the backward pass instead of stored, so
+        memory grows with ``K`` only through the path itself.
     :returns: ``(path, steps)``: the path ``(..., K+1, d)`` and its :class:`SimulatedSteps`.
     """
+    num_steps = law.grid.num_steps
+    if checkpoint_every and torch.is_grad_enabled():
+        x, parts = x0, []
+        for k0 in range(0, num_steps, checkpoint_every):
+            k1 = min(k0 + checkpoint_every, num_steps)
+            part = torch.utils.checkpoint.checkpoint(
+                _run_steps, law, control, eps, k0, k1, x, use_reentrant=False
+            )
+            parts.append(part)
+            x = part[0][-1]
+        xs, dws, gs, us, scales = (
+            None if chunks[0] is None else torch.cat(chunks) for chunks in zip(*parts, strict=True)
+        )
+    else:
+        xs, dws, gs, us, scales = _run_steps(law, control, eps, 0, num_steps, x0)
+    path = torch.cat([x0.unsqueeze(0), xs]).movedim(0, -2)
+    if law._validate_args:
+        _check_finite(path, law.grid)
+    factor = DiffusionFactor(law.noise_type, law.diffusion if gs is None else gs)
+    _, h = law.grid.stacked(eps.dim())
+    if control is None:
+        return path, SimulatedSteps(dws, h.squeeze(-1), factor)
+    # Controls may return fewer batch dims than the state; align them step-major.
+    covariance = control.covariance
+    shift = time_first(us, dws.dim())
+    if scales is not None:
+        scales = time_first(scales, dws.dim() + (covariance == "full"))
+    return path, SimulatedSteps(dws, h.squeeze(-1), factor, shift, scales, covariance)
+
+
+def _run_steps(law, control, eps, k0, k1, x):
+    """Steps ``k0 <= k < k1`` from state ``x``; returns step-major stacks ``(xs, ΔW, G, u, S)``
+    (``None`` for what does not vary per step)."""
     grid, drift, noise_type = law.grid, law.drift, law.noise_type
-    constant_g = not callable(law.diffusion)
     g = law.diffusion
-    _, h_all = grid.stacked(eps.dim())
-    noise = h_all.sqrt() * eps if control is None else eps
+    constant_g = not callable(g)
     covariance = "prior" if control is None else control.covariance
-    x = x0
-    xs, dws, gs, us, scales = [x0], [], [], [], []
-    for k in range(grid.num_steps):
-        t, h = grid.step(k)
+    xs, dws, gs, us, scales = [], [], [], [], []
+    for k in range(k0, k1):
+        t, h, sqrt_h = grid.step(k)
         f = drift(t, x)
         if not constant_g:
             g = law.diffusion(t, x)
             gs.append(g)
         if control is None:
-            dw = noise[k]
+            dw = sqrt_h * eps[k]
         else:
             u, scale = control.at_step(k, t, h, x)
-            dw = h * u + h.sqrt() * apply_scale(scale, noise[k], covariance)
+            dw = h * u + sqrt_h * apply_scale(scale, eps[k], covariance)
             us.append(u)
             scales.append(scale)
         x = x + h * f + diffuse(noise_type, g, dw)
         xs.append(x)
         dws.append(dw)
-    path = torch.stack(xs, dim=-2)
-    if law._validate_args:
-        _check_finite(path, grid)
-    dw = torch.stack(dws)
-    factor = DiffusionFactor(noise_type, g if constant_g else torch.stack(gs))
-    h_steps = h_all.squeeze(-1)
-    if control is None:
-        return path, SimulatedSteps(dw, h_steps, factor)
-    # Controls may return fewer batch dims than the state; align them step-major.
-    shift = time_first(torch.stack(us), dw.dim())
-    scale = None
-    if covariance != "prior":
-        scale = time_first(torch.stack(scales), dw.dim() + (covariance == "full"))
-    return path, SimulatedSteps(dw, h_steps, factor, shift, scale, covariance)
+    return (
+        torch.stack(xs),
+        torch.stack(dws),
+        torch.stack(gs) if gs else None,
+        torch.stack(us) if us else None,
+        torch.stack(scales) if covariance != "prior" else None,
+    )
 
 
 def _check_finite(path, grid):
@@ -228,7 +256,7 @@ class EulerMaruyama(TorchDistribution):
         times = self.grid.times
         batch = torch.broadcast_shapes(init_batch, self.grid.batch_shape)
         x = times.new_zeros(batch + (state_dim,))
-        t, _ = self.grid.step(0)
+        t = self.grid.step(0)[0]
         f = self.drift(t, x)
         if not isinstance(f, torch.Tensor) or f.dim() < 1 or f.shape[-1] != state_dim:
             shape = tuple(f.shape) if isinstance(f, torch.Tensor) else type(f).__name__

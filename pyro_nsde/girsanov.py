@@ -50,6 +50,9 @@ class GirsanovEulerMaruyama(TorchDistribution):
         it does when it has more dims than ``batch + (c,)`` and ``context.shape[-2] == K+1``).
     :param str covariance: the kind of ``S`` a callable control returns (default: its
         ``covariance`` attribute, else ``"prior"``).
+    :param int checkpoint_every: trade compute for memory on long paths: simulate in blocks of
+        this many steps under gradient checkpointing (see :func:`~pyro_nsde.euler_maruyama.
+        simulate`).
 
     **References:**
 
@@ -75,14 +78,22 @@ class GirsanovEulerMaruyama(TorchDistribution):
         estimator: str = "plain",
         context_per_step: bool | None = None,
         covariance: str | None = None,
+        checkpoint_every: int | None = None,
         validate_args=None,
     ):
         if not isinstance(prior, EulerMaruyama):
             raise TypeError(f"prior must be an EulerMaruyama, but got {type(prior).__name__}")
         if estimator not in ESTIMATORS:
             raise ValueError(f"estimator must be one of {ESTIMATORS}, but got {estimator!r}")
+        if checkpoint_every is not None and not (
+            isinstance(checkpoint_every, int) and checkpoint_every > 0
+        ):
+            raise ValueError(
+                f"checkpoint_every must be a positive int or None, but got {checkpoint_every!r}"
+            )
         self.prior = prior
         self.estimator = estimator
+        self.checkpoint_every = checkpoint_every
         d, num_steps = prior.state_dim, prior.num_steps
         init = prior.init if init is None else init
         if isinstance(init, Distribution):
@@ -148,7 +159,9 @@ class GirsanovEulerMaruyama(TorchDistribution):
         return new
 
     def _simulate(self, x0, eps):
-        path, steps = simulate(self.prior, x0, eps, control=self.control)
+        path, steps = simulate(
+            self.prior, x0, eps, control=self.control, checkpoint_every=self.checkpoint_every
+        )
         record = _path_record.PathRecord(path, self.prior.law_key(), steps, self)
         _path_record.attach(path, record)
         return path

@@ -69,6 +69,13 @@ class GirsanovGuide(AutoGuide):
         (default :func:`~pyro.infer.autoguide.initialization.init_to_median`).
     :param tuple hidden_dims: hidden widths of ``"mlp"`` controls.
     :param callable create_plates: as for :class:`~pyro.infer.autoguide.AutoGuide`.
+    :param int checkpoint_every: simulate path sites in blocks of this many steps under
+        gradient checkpointing (memory-lean training on long paths).
+
+    The encoder is called inside the ``pyro.plate`` contexts of the path sites, so with data
+    subsampling (``pyro.plate(..., subsample_size=n)``) it can select the current minibatch
+    with ``pyro.subsample(data, event_dim=...)`` and see only those series; a context for all
+    series is also accepted and is indexed by the subsample.
     """
 
     def __init__(
@@ -83,6 +90,7 @@ class GirsanovGuide(AutoGuide):
         init_loc_fn=init_to_median,
         hidden_dims=(64, 64),
         create_plates=None,
+        checkpoint_every: int | None = None,
     ):
         if estimator not in ESTIMATORS:
             raise ValueError(f"estimator must be one of {ESTIMATORS}, but got {estimator!r}")
@@ -106,6 +114,7 @@ class GirsanovGuide(AutoGuide):
         self.covariance = check_covariance(covariance)
         self.init_loc_fn = init_loc_fn
         self.hidden_dims = tuple(hidden_dims)
+        self.checkpoint_every = checkpoint_every
 
     # ----------------------------------------------------------------------------- setup
 
@@ -137,8 +146,8 @@ class GirsanovGuide(AutoGuide):
             )
         context = None
         if self.encoder is not None:
-            with torch.no_grad():
-                context = self.encoder(*args, **kwargs)
+            with torch.no_grad(), poutine.block():
+                context = self._encode(self._create_plates(*args, **kwargs), args, kwargs)
             if not isinstance(context, torch.Tensor) or context.dim() < 1:
                 raise ValueError(
                     f"encoder must return a tensor of shape batch + (c,) or batch + (K+1, c), "
@@ -280,16 +289,28 @@ class GirsanovGuide(AutoGuide):
             context=context,
             estimator=self.estimator,
             context_per_step=self._context_per_step.get(name),
+            checkpoint_every=self.checkpoint_every,
         )
         ndims = self._path_sites[name]
         return posterior.to_event(ndims) if ndims else posterior
 
-    def _site_plates(self, name, plates):
+    def _site_plates(self, names, plates):
+        """Enter (once each) the plates of the given path sites."""
         stack = ExitStack()
-        for frame in self.prototype_trace.nodes[name]["cond_indep_stack"]:
-            if frame.vectorized:
-                stack.enter_context(plates[frame.name])
+        entered = set()
+        for name in names:
+            for frame in self.prototype_trace.nodes[name]["cond_indep_stack"]:
+                if frame.vectorized and frame.name not in entered:
+                    entered.add(frame.name)
+                    stack.enter_context(plates[frame.name])
         return stack
+
+    def _encode(self, plates, args, kwargs):
+        """Call the encoder inside the path sites' plates (so ``pyro.subsample`` works)."""
+        if self.encoder is None:
+            return None
+        with self._site_plates(self._path_sites, plates):
+            return self.encoder(*args, **kwargs)
 
     def forward(self, *args, **kwargs):
         """Sample every latent site; returns a dict ``{site name: value}``."""
@@ -297,10 +318,10 @@ class GirsanovGuide(AutoGuide):
             self._setup_prototype(*args, **kwargs)
         plates = self._create_plates(*args, **kwargs)
         values = {} if self.mean_field is None else self.mean_field(*args, **kwargs)
-        context = None if self.encoder is None else self.encoder(*args, **kwargs)
+        context = self._encode(plates, args, kwargs)
         for name in self._path_sites:
             prior = self.prior(name, values, plates, *args, **kwargs)
-            with self._site_plates(name, plates):
+            with self._site_plates([name], plates):
                 posterior = self._posterior(name, prior, context, plates)
                 values[name] = pyro.sample(name, posterior)
         return values
@@ -316,11 +337,11 @@ class GirsanovGuide(AutoGuide):
             raise NotImplementedError("median() is not available with subsampled plates")
         plates = self._create_plates(*args, **kwargs)
         values = {} if self.mean_field is None else self.mean_field.median(*args, **kwargs)
-        context = None if self.encoder is None else self.encoder(*args, **kwargs)
         with poutine.block():
+            context = self._encode(plates, args, kwargs)
             for name in self._path_sites:
                 prior = self.prior(name, values, plates, *args, **kwargs)
-                with self._site_plates(name, plates):
+                with self._site_plates([name], plates):
                     posterior = self._posterior(name, prior, context, plates)
                     if self._path_sites[name]:
                         posterior = posterior.base_dist
