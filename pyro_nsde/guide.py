@@ -186,12 +186,14 @@ class GirsanovGuide(AutoGuide):
             if name not in spec:
                 raise ValueError(f"control dict has no entry for path site {name!r}")
             spec = spec[name]
+        like = {"device": site["value"].device, "dtype": site["value"].dtype}
         if spec == "affine":
             control = AffineControl(num_steps, d, m, batch_shape=batch, covariance=self.covariance)
+            control = control.to(**like)
         elif spec == "mlp":
             control = ControlNet(
                 d, m, context_dim, hidden_dims=self.hidden_dims, covariance=self.covariance
-            )
+            ).to(**like)
         else:
             control = spec
         deep_setattr(self.controls, name, control)
@@ -213,7 +215,7 @@ class GirsanovGuide(AutoGuide):
                 PyroParam(scale, dist.constraints.softplus_positive, event_dim=1),
             )
         else:
-            head = nn.Linear(context_dim, 2 * d)
+            head = nn.Linear(context_dim, 2 * d).to(**like)
             nn.init.zeros_(head.weight)
             with torch.no_grad():
                 head.bias[:d] = x0.reshape(-1, d).mean(0)
