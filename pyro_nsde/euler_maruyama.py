@@ -108,6 +108,8 @@ def simulate(law, x0, eps, control=None, checkpoint_every=None):
     path = torch.cat([x0.unsqueeze(0), xs]).movedim(0, -2)
     if law._validate_args:
         _check_finite(path, law.grid)
+    if gs is not None:  # a callable G may return fewer batch dims than the state
+        gs = time_first(gs, eps.dim() + diffusion_event_dim(law.noise_type) - 1)
     factor = DiffusionFactor(law.noise_type, law.diffusion if gs is None else gs)
     _, h = law.grid.stacked(eps.dim())
     if control is None:
@@ -301,10 +303,7 @@ class EulerMaruyama(TorchDistribution):
     def expand(self, batch_shape, _instance=None):
         new = self._get_checked_instance(EulerMaruyama, _instance)
         batch_shape = torch.Size(batch_shape)
-        if torch.broadcast_shapes(self.batch_shape, batch_shape) != batch_shape:
-            raise ValueError(
-                f"cannot expand batch_shape {tuple(self.batch_shape)} to {tuple(batch_shape)}"
-            )
+        check_expand(self.batch_shape, batch_shape)
         new.__dict__.update(self.__dict__)
         super(EulerMaruyama, new).__init__(batch_shape, self.event_shape, validate_args=False)
         new._validate_args = self._validate_args
@@ -332,13 +331,20 @@ class EulerMaruyama(TorchDistribution):
             return self.init.log_prob(value[..., 0, :])
         return 0.0
 
-    def residuals(self, value: torch.Tensor):
+    def residuals(self, value: torch.Tensor, batch_shape=None):
         """Evaluate drift and diffusion on all steps of ``value`` in one call.
+
+        ``value`` is first expanded to ``batch_shape`` (default: this law's), so that the
+        leftmost step axis cannot pair with a batch dim the value lacks.
 
         :returns: ``(x, t, h, z, factor)``: states ``(K, ..., d)`` at the start of each step,
             times ``(K, ..., 1)``, steps ``(K, ...)``, whitened residuals ``z_k = W_k(x_{k+1}
             - x_k - h_k f(t_k, x_k))`` ``(K, ..., r)`` and the :class:`DiffusionFactor`.
         """
+        batch_shape = self.batch_shape if batch_shape is None else batch_shape
+        value = value.expand(
+            torch.broadcast_shapes(value.shape[:-2], batch_shape) + value.shape[-2:]
+        )
         start = value[..., :-1, :]
         if not isinstance(self.init, Distribution):
             x0 = self.init.expand(start.shape[:-2] + self.init.shape[-1:])
@@ -372,6 +378,17 @@ class EulerMaruyama(TorchDistribution):
         from .girsanov import GirsanovEulerMaruyama
 
         return GirsanovEulerMaruyama(self, control, init=init, context=context, **kwargs)
+
+
+def check_expand(batch_shape, new_shape) -> None:
+    """Raise ``ValueError`` unless ``batch_shape`` broadcasts to ``new_shape``."""
+    new_shape = torch.Size(new_shape)
+    try:
+        ok = torch.broadcast_shapes(batch_shape, new_shape) == new_shape
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"cannot expand batch_shape {tuple(batch_shape)} to {tuple(new_shape)}")
 
 
 def _draw_init(init, shape, state_dim):

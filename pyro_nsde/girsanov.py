@@ -6,7 +6,7 @@ from torch.distributions import Distribution
 
 from . import _path_record
 from .controls import AffineCoefficients, AffineControl, CallableControl
-from .euler_maruyama import EulerMaruyama, _draw_init, simulate
+from .euler_maruyama import EulerMaruyama, _draw_init, check_expand, simulate
 from .noise import step_log_density
 
 ESTIMATORS = ("girsanov", "plain", "stl")
@@ -147,10 +147,7 @@ class GirsanovEulerMaruyama(TorchDistribution):
     def expand(self, batch_shape, _instance=None):
         new = self._get_checked_instance(GirsanovEulerMaruyama, _instance)
         batch_shape = torch.Size(batch_shape)
-        if torch.broadcast_shapes(self.batch_shape, batch_shape) != batch_shape:
-            raise ValueError(
-                f"cannot expand batch_shape {tuple(self.batch_shape)} to {tuple(batch_shape)}"
-            )
+        check_expand(self.batch_shape, batch_shape)
         new.__dict__.update(self.__dict__)
         super(GirsanovEulerMaruyama, new).__init__(
             batch_shape, self.event_shape, validate_args=False
@@ -190,7 +187,7 @@ class GirsanovEulerMaruyama(TorchDistribution):
         return 0.0
 
     def _exact_log_prob(self, value):
-        x, t, h, z, factor = self.prior.residuals(value)
+        x, t, h, z, factor = self.prior.residuals(value, self.batch_shape)
         u, scale = self.control.at_all_steps(t, h.unsqueeze(-1), x)
         shift, scale, covariance = factor.to_whitened(u, scale, self.covariance)
         lq = step_log_density(z, h, shift, scale, covariance) - factor.log_volume

@@ -1,0 +1,6 @@
+"""``python -m pyro_nsde``: the command line (see :mod:`pyro_nsde.cli`)."""
+
+from .cli import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,453 @@
+r"""The command line: ``python -m pyro_nsde demo`` and ``pyro-nsde fit DATA.csv``.
+
+Both commands fit a latent SDE with a :class:`~pyro_nsde.GirsanovGuide` by SVI (a progress bar
+shows the ELBO) and write into an output folder:
+
+- ``posterior.nc``: the fit as ArviZ NetCDF (:func:`~pyro_nsde.diagnostics.to_inference_data`:
+  posterior, posterior predictive, observed data, pointwise log-likelihood);
+- ``summary.csv``: ``az.summary`` of the parameters (rates and noise scales);
+- ``paths.png``: posterior bands of the latent paths with the data;
+- ``forecast.png``: the same with a forecast fan past the data;
+- ``elbo.png``: the ELBO history.
+
+``demo`` fits :class:`~pyro_nsde.models.LotkaVolterra` to the lynx–hare pelts 1900–1920
+(:func:`~pyro_nsde.datasets.lynx_hare`) and forecasts to 1930. ``fit`` reads a CSV file
+(:func:`~pyro_nsde.datasets.read_csv`), standardizes each column and fits a
+:class:`~pyro_nsde.models.NeuralSDE` or an :class:`~pyro_nsde.models.OrnsteinUhlenbeck` model.
+Bad input ends the command with a one-line message and exit status 1.
+
+Set ``PYRO_NSDE_FAST=1`` for a quick run (few SVI steps and draws) unless ``--steps`` and
+``--samples`` are given.
+"""
+
+import argparse
+import math
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyro
+import torch
+from pyro.infer import SVI, Trace_ELBO
+
+from .datasets import TimeSeries, lynx_hare, read_csv
+from .guide import GirsanovGuide
+from .models import LotkaVolterra, NeuralSDE, OrnsteinUhlenbeck
+
+#: Posterior means of the Lotka–Volterra rates for the same data (per year, populations in
+#: thousands), from the deterministic-ODE model with lognormal errors fitted by NUTS in
+#: Carpenter (2018), "Predator-Prey Population Dynamics: the Lotka-Volterra model in Stan".
+PUBLISHED_RATES = {"alpha": 0.55, "beta": 0.028, "gamma": 0.80, "delta": 0.024}
+
+#: Defaults of ``--steps`` and ``--samples``, and their values under ``PYRO_NSDE_FAST=1``.
+DEFAULT_STEPS = {"demo": 1000, "fit": 1500}
+DEFAULT_SAMPLES = 1000
+FAST_STEPS, FAST_SAMPLES = 30, 100
+
+#: The models of ``fit --model``.
+MODEL_NAMES = {"neural": "neural", "ou": "Ornstein-Uhlenbeck"}
+
+#: Central probability of the posterior predictive interval whose coverage is reported.
+COVERAGE_LEVEL = 0.9
+
+
+def fast_mode() -> bool:
+    """Whether ``PYRO_NSDE_FAST`` asks for a quick run."""
+    return os.environ.get("PYRO_NSDE_FAST", "") not in ("", "0")
+
+
+# --------------------------------------------------------------------------- fitting
+
+
+def fit_svi(
+    model,
+    guide,
+    *args,
+    steps: int,
+    lr: float = 0.03,
+    final_lr: float = 0.003,
+    num_particles: int = 8,
+    progress: bool = True,
+) -> list[float]:
+    """Fit ``guide`` to ``model(*args)`` with SVI and a decaying learning rate.
+
+    ``ClippedAdam`` with the learning rate decaying geometrically from ``lr`` to ``final_lr``
+    over the run (so the last iterates settle), ``Trace_ELBO`` averaging ``num_particles``
+    vectorized draws, ``max_plate_nesting=2`` (the layout of :mod:`pyro_nsde.models`).
+
+    :returns: the loss (negative ELBO estimate) of every step.
+    """
+    from tqdm.auto import tqdm
+
+    decay = (final_lr / lr) ** (1.0 / max(steps, 1))
+    optim = pyro.optim.ClippedAdam({"lr": lr, "lrd": decay, "clip_norm": 10.0})
+    elbo = Trace_ELBO(num_particles=num_particles, vectorize_particles=True, max_plate_nesting=2)
+    svi = SVI(model, guide, optim, elbo)
+    losses = []
+    with tqdm(range(steps), desc="SVI", unit="step", disable=not progress) as bar:
+        for step in bar:
+            losses.append(svi.step(*args))
+            if step % 10 == 0 or step == steps - 1:
+                bar.set_postfix(elbo=f"{-np.mean(losses[-10:]):.2f}")
+    return losses
+
+
+def interval_coverage(draws: np.ndarray, observed: np.ndarray, level: float = 0.9) -> float:
+    """Fraction of observations inside the central ``level`` interval of their predictive draws.
+
+    Each observation ``y_i`` is compared with the ``(1 - level)/2`` and ``(1 + level)/2``
+    empirical quantiles of its draws; ``NaN`` observations are left out.
+
+    :param np.ndarray draws: ``(S, *shape)`` predictive draws.
+    :param np.ndarray observed: ``shape`` observations.
+    :param float level: in ``(0, 1)``.
+    """
+    draws, observed = np.asarray(draws, dtype=float), np.asarray(observed, dtype=float)
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), but got {level!r}")
+    if draws.shape[1:] != observed.shape:
+        raise ValueError(f"draws must have shape (S, *{observed.shape}), but got {draws.shape}")
+    lower, upper = np.quantile(draws, [(1 - level) / 2, (1 + level) / 2], axis=0)
+    present = ~np.isnan(observed)
+    inside = (observed >= lower) & (observed <= upper)
+    return float(inside[present].mean())
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def _in_data_units(array, state_loc, state_scale, names, log: bool):
+    """A path variable ``(chain, draw, time, state)`` in data units:
+    ``loc + scale · state`` per coordinate, then ``exp`` if ``log``; state labels ``names``."""
+    value = state_loc + state_scale * array  # numpy broadcasting along the state dim
+    value = np.exp(value) if log else value
+    return value.assign_coords({array.dims[-1]: names}).rename(array.name)
+
+
+def _write_outputs(out: Path, idata, losses, paths, future, observations, parameters, title):
+    """Write the NetCDF file, the summary and the figures.
+
+    :param idata: the fit, from :func:`~pyro_nsde.diagnostics.to_inference_data`.
+    :param losses: the SVI losses.
+    :param paths: the posterior path variable in data units (plotted).
+    :param future: the forecast of the path in data units.
+    :param observations: ``(times, values)`` drawn as points.
+    :param parameters: the variables summarized.
+    :param str title: the title of the path figures.
+    :returns: ``({what: file}, summary table)``.
+    """
+    import arviz as az
+    import matplotlib.pyplot as plt
+
+    from .plots import plot_elbo, plot_forecast, plot_path_bands
+
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"posterior": out / "posterior.nc", "summary": out / "summary.csv"}
+    idata.to_netcdf(str(files["posterior"]))
+    summary = az.summary(idata, var_names=parameters, kind="stats", hdi_prob=COVERAGE_LEVEL)
+    summary.to_csv(files["summary"])
+
+    view = az.InferenceData(posterior=paths.to_dataset())
+    figures = {
+        "paths": plot_path_bands(view, observations=observations),
+        "forecast": plot_forecast(view, future, observations=observations),
+        "elbo": plot_elbo(losses),
+    }
+    for name in ("paths", "forecast"):
+        fig, axes = figures[name]
+        axes[0, 0].set_title(f"{title}: {'posterior' if name == 'paths' else 'forecast'}")
+        width, height = fig.get_size_inches()
+        fig.set_size_inches(max(width, 8.0), height + 0.5)
+    for name, (fig, _) in figures.items():
+        files[name] = out / f"{name}.png"
+        fig.savefig(files[name], dpi=110)
+        plt.close(fig)
+    return files, summary
+
+
+def _coverage(idata) -> float:
+    draws = idata.posterior_predictive["y"].values
+    draws = draws.reshape((-1, *draws.shape[2:]))
+    return interval_coverage(draws, idata.observed_data["y"].values, COVERAGE_LEVEL)
+
+
+def _report(files, coverage, num_observed):
+    print(
+        f"posterior predictive coverage: {coverage:.0%} of the {num_observed} observations lie "
+        f"inside their central {COVERAGE_LEVEL:.0%} interval"
+    )
+    width = max(len(name) for name in files)
+    print("outputs:")
+    for name, path in files.items():
+        print(f"  {name:<{width}}  {path}")
+
+
+def _forecast_times(last: float, horizon: float, step: float) -> torch.Tensor:
+    """``last + step, last + 2 step, ..., last + horizon`` (the last point exactly)."""
+    num = max(1, math.ceil(horizon / step - 1e-9))
+    return last + horizon * torch.arange(1, num + 1, dtype=torch.get_default_dtype()) / num
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def run_demo(args) -> dict:
+    """The ``demo`` command: stochastic Lotka–Volterra on the lynx–hare data."""
+    from .diagnostics import to_inference_data
+    from .forecast import forecast
+
+    data = lynx_hare()
+    first_year, last_year = float(data.times[0]), float(data.times[-1])
+    if not args.forecast_to > last_year:
+        raise ValueError(
+            f"--forecast-to must be a year after the data's last year {last_year:g}, "
+            f"but got {args.forecast_to:g}"
+        )
+    years = data.times - first_year
+    model = LotkaVolterra(years, data.values[0].log(), steps_per_unit=args.steps_per_year)
+    guide = GirsanovGuide(model, control="affine")
+    print(
+        f"fitting a stochastic Lotka-Volterra model to the lynx-hare pelts "
+        f"{first_year:.0f}-{last_year:.0f} ({model.times.shape[0] - 1} "
+        f"Euler-Maruyama steps, {args.steps} SVI steps)"
+    )
+    losses = fit_svi(model, guide, data.values, steps=args.steps, progress=not args.quiet)
+    coords = {
+        "series": list(data.columns),
+        "obs_time": data.times.numpy(),
+        "state": ["log_hare", "log_lynx"],
+    }
+    idata = to_inference_data(
+        model, guide=guide, model_args=(data.values,), num_samples=args.samples, coords=coords
+    )
+    horizon = args.forecast_to - last_year
+    future = _forecast_times(float(years[-1]), horizon, 1.0 / args.steps_per_year)
+    path = forecast(model, idata, future, model_args=(data.values,))
+    # Years since the first observation → calendar years.
+    idata.posterior = idata.posterior.assign_coords(time=idata.posterior.time + first_year)
+    path = path.assign_coords(time=path.time + first_year)
+    names = [f"{name} (thousands)" for name in data.columns]
+    units = {"state_loc": np.zeros(2), "state_scale": np.ones(2), "names": names, "log": True}
+    files, summary = _write_outputs(
+        Path(args.out),
+        idata,
+        losses,
+        _in_data_units(idata.posterior["x"], **units),
+        _in_data_units(path, **units),
+        (data.times.numpy(), data.values.numpy()),
+        [*LotkaVolterra.rate_names, "sigma_process", "sigma_obs"],
+        "Lotka-Volterra SDE",
+    )
+    print("rates per year (posterior mean ± sd; Carpenter 2018 posterior mean):")
+    for name, published in PUBLISHED_RATES.items():
+        row = summary.loc[name]
+        print(f"  {name:<6} {row['mean']:.3f} ± {row['sd']:.3f}   ({published})")
+    coverage = _coverage(idata)
+    _report(files, coverage, int(data.mask.sum()))
+    return {"files": files, "coverage": coverage, "summary": summary}
+
+
+def run_fit(args) -> dict:
+    """The ``fit`` command: a latent neural SDE or OU model on a user's CSV file."""
+    from .diagnostics import to_inference_data
+    from .forecast import forecast
+
+    columns = None if args.columns is None else [c.strip() for c in args.columns.split(",")]
+    series = read_csv(args.data, time=args.time, columns=columns)
+    scaled, (loc, scale), (t0, unit) = _standardize(series)
+    span = (series.times[-1] - series.times[0]).item()
+    horizon = 0.2 * span if args.forecast is None else args.forecast
+    num = series.values.shape[1]
+    if args.model == "neural":
+        model = NeuralSDE(scaled.times, num, steps_per_unit=args.steps_per_unit)
+        state_names = [*series.columns, *(f"z{i}" for i in range(1, model.state_dim - num + 1))]
+    else:
+        model = OrnsteinUhlenbeck(scaled.times, num, steps_per_unit=args.steps_per_unit)
+        state_names = list(series.columns)
+    guide = GirsanovGuide(model, control="affine")
+    print(
+        f"fitting a latent {MODEL_NAMES[args.model]} SDE "
+        f"to {', '.join(series.columns)} ({len(series)} rows, {int(series.mask.sum())} values, "
+        f"{model.times.shape[0] - 1} Euler-Maruyama steps, {args.steps} SVI steps)"
+    )
+    losses = fit_svi(model, guide, scaled.values, steps=args.steps, progress=not args.quiet)
+    coords = {
+        "series": list(series.columns),
+        "obs_time": series.times.numpy(),
+        "state": state_names,
+    }
+    idata = to_inference_data(
+        model, guide=guide, model_args=(scaled.values,), num_samples=args.samples, coords=coords
+    )
+    future = _forecast_times(float(scaled.times[-1]), horizon / unit, 1.0 / args.steps_per_unit)
+    path = forecast(model, idata, future, model_args=(scaled.values,))
+    # Model time (median gaps since the first row) → the time column's units.
+    idata.posterior = idata.posterior.assign_coords(time=t0 + unit * idata.posterior.time)
+    path = path.assign_coords(time=t0 + unit * path.time)
+    extra = model.state_dim - num
+    units = {
+        "state_loc": np.concatenate([loc.numpy(), np.zeros(extra)]),
+        "state_scale": np.concatenate([scale.numpy(), np.ones(extra)]),
+        "names": state_names,
+        "log": False,
+    }
+    observations = np.concatenate(
+        [series.values.numpy(), np.full((len(series), extra), np.nan)], axis=1
+    )
+    files, _ = _write_outputs(
+        Path(args.out),
+        idata,
+        losses,
+        _in_data_units(idata.posterior["x"], **units),
+        _in_data_units(path, **units),
+        (series.times.numpy(), observations),
+        [name for name in idata.posterior.data_vars if name != "x"],
+        f"latent {MODEL_NAMES[args.model]} SDE",
+    )
+    print(
+        f"parameters are in standardized units: each column minus its mean, divided by its "
+        f"standard deviation; time in units of {unit:g} {series.time_name} from {t0:g}"
+    )
+    coverage = _coverage(idata)
+    _report(files, coverage, int(series.mask.sum()))
+    return {"files": files, "coverage": coverage}
+
+
+def _standardize(series: TimeSeries):
+    """Columns to mean 0 and scale 1 (over their observed values), time to ``(t - t_0) / u``
+    with ``u`` the median gap between observations.
+
+    :returns: ``(scaled series, (loc, scale) per column, (t_0, u))``.
+    """
+    values, observed = series.values, series.mask
+    count = observed.sum(0)
+    filled = torch.where(observed, values, torch.zeros_like(values))
+    loc = filled.sum(0) / count
+    spread = torch.where(observed, values - loc, torch.zeros_like(values))
+    scale = (spread.square().sum(0) / count).sqrt()
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    t0 = series.times[0].item()
+    unit = (series.times[1:] - series.times[:-1]).median().item()
+    scaled = TimeSeries(
+        times=(series.times - t0) / unit,
+        values=(values - loc) / scale,
+        columns=series.columns,
+        time_name=series.time_name,
+    )
+    return scaled, (loc, scale), (t0, unit)
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``pyro-nsde`` (``python -m pyro_nsde``)."""
+    parser = argparse.ArgumentParser(
+        prog="pyro-nsde",
+        description="Fit latent stochastic differential equations with Pyro and the Girsanov "
+        "guide; write an ArviZ NetCDF file, a summary and plots.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def common(sub):
+        out = f"pyro_nsde_{sub.prog.split()[-1]}"
+        steps = DEFAULT_STEPS[sub.prog.split()[-1]]
+        sub.add_argument("--out", default=out, help=f"output folder (default: {out})")
+        sub.add_argument("--steps", type=_positive_int, help=f"SVI steps (default: {steps})")
+        sub.add_argument(
+            "--samples",
+            type=_positive_int,
+            help=f"posterior draws written to the NetCDF file (default: {DEFAULT_SAMPLES})",
+        )
+        sub.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+        sub.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    demo = commands.add_parser(
+        "demo",
+        help="stochastic Lotka-Volterra model of the lynx-hare pelts 1900-1920",
+        description="Fit a stochastic Lotka-Volterra model on log-populations to the Hudson's "
+        "Bay Company lynx and hare pelts 1900-1920 and forecast to 1930.",
+    )
+    common(demo)
+    demo.add_argument(
+        "--steps-per-year",
+        type=_positive_float,
+        default=5.0,
+        help="Euler-Maruyama steps per year (default: 5)",
+    )
+    demo.add_argument(
+        "--forecast-to",
+        type=float,
+        default=1930.0,
+        help="forecast the populations up to this year (default: 1930)",
+    )
+
+    fit = commands.add_parser(
+        "fit",
+        help="fit a latent SDE to the columns of a CSV file",
+        description="Fit a latent SDE to the columns of a CSV file with a header row. Missing "
+        "values (empty cells, NA, NaN) are allowed; times must be numeric and strictly "
+        "increasing. Columns are standardized before fitting.",
+    )
+    fit.add_argument("data", help="the CSV file")
+    fit.add_argument("--time", required=True, help="the name of the (numeric) time column")
+    fit.add_argument("--columns", help="comma-separated value columns (default: all others)")
+    fit.add_argument(
+        "--model",
+        choices=("neural", "ou"),
+        default="neural",
+        help="neural: a latent SDE with a neural drift; ou: independent Ornstein-Uhlenbeck "
+        "processes (default: neural)",
+    )
+    fit.add_argument(
+        "--forecast",
+        type=_positive_float,
+        help="forecast horizon in the time column's units (default: 20%% of the data's span)",
+    )
+    fit.add_argument(
+        "--steps-per-unit",
+        type=_positive_float,
+        default=4.0,
+        help="Euler-Maruyama steps per median gap between observations (default: 4)",
+    )
+    common(fit)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``pyro-nsde`` with the arguments ``argv`` (default: ``sys.argv[1:]``).
+
+    :returns: ``0`` on success; bad input exits with status 1 and a one-line message on
+        stderr (``SystemExit``), bad options with status 2 (argparse).
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    fast = fast_mode()
+    if args.steps is None:
+        args.steps = FAST_STEPS if fast else DEFAULT_STEPS[args.command]
+    if args.samples is None:
+        args.samples = FAST_SAMPLES if fast else DEFAULT_SAMPLES
+    pyro.set_rng_seed(args.seed)
+    pyro.clear_param_store()
+    command = run_demo if args.command == "demo" else run_fit
+    try:
+        command(args)
+    except (ValueError, OSError) as error:
+        parser.exit(1, f"pyro-nsde {args.command}: error: {error}\n")
+    sys.stdout.flush()
+    return 0
