@@ -19,6 +19,10 @@ def time_first(tensor: torch.Tensor, ndim: int) -> torch.Tensor:
     return tensor.reshape(tensor.shape[:1] + (1,) * missing + tensor.shape[1:])
 
 
+def _index(index) -> str:
+    return ", ".join(map(str, index))
+
+
 class TimeGrid:
     """A strictly increasing grid of ``K + 1`` times, shared ``(K+1,)`` or per series
     ``(..., K+1)``.
@@ -42,9 +46,12 @@ class TimeGrid:
                 raise ValueError("times must be finite, but got non-finite values")
             steps = times[..., 1:] - times[..., :-1]
             if not (steps > 0).all():
-                k = int((steps <= 0).nonzero()[0, -1])
+                before = (steps <= 0).nonzero()[0].tolist()
+                after = before[:-1] + [before[-1] + 1]
                 raise ValueError(
-                    f"times must be strictly increasing, but times[..., {k + 1}] <= times[..., {k}]"
+                    f"times must be strictly increasing, but times[{_index(after)}] = "
+                    f"{float(times[tuple(after)]):g} <= times[{_index(before)}] = "
+                    f"{float(times[tuple(before)]):g}"
                 )
         self.times = times
         self.num_steps = times.shape[-1] - 1
@@ -53,11 +60,18 @@ class TimeGrid:
         # Step-major views with a trailing singleton, for the sequential loop.
         self._t_steps = times[..., :-1].unsqueeze(-1).movedim(-2, 0)
         self._h_steps = self.h.unsqueeze(-1).movedim(-2, 0)
-        self._sqrt_h_steps = self._h_steps.sqrt()
+        self._steps = list(
+            zip(
+                self._t_steps.unbind(0),
+                self._h_steps.unbind(0),
+                self._h_steps.sqrt().unbind(0),
+                strict=True,
+            )
+        )
 
     def step(self, k: int):
         """``(t_k, h_k, sqrt(h_k))``, each of shape ``grid_batch + (1,)``."""
-        return self._t_steps[k], self._h_steps[k], self._sqrt_h_steps[k]
+        return self._steps[k]
 
     def stacked(self, ndim: int):
         """``(t, h)`` of shape ``(K, 1, ..., 1, *grid_batch, 1)`` with ``ndim`` dims."""

@@ -34,13 +34,21 @@ def check_covariance(covariance: str) -> str:
     return covariance
 
 
-def _tril_from_raw(raw: torch.Tensor, m: int) -> torch.Tensor:
-    """Lower-triangular ``(..., m, m)`` with positive diagonal from ``m(m+1)/2`` numbers."""
-    rows, cols = torch.tril_indices(m, m, device=raw.device)
-    tril = raw.new_zeros(raw.shape[:-1] + (m, m))
-    tril[..., rows, cols] = raw
-    diag = nn.functional.softplus(tril.diagonal(dim1=-2, dim2=-1) + _SOFTPLUS_ONE)
-    return tril.tril(-1) + torch.diag_embed(diag)
+class _TrilFromRaw(nn.Module):
+    """Lower-triangular ``(..., m, m)`` with positive diagonal from ``m(m+1)/2`` numbers
+    (diagonal through ``softplus``, starting at 1 for zero input)."""
+
+    def __init__(self, m: int):
+        super().__init__()
+        self.m = m
+        rows, cols = torch.tril_indices(m, m)
+        self.register_buffer("flat_index", rows * m + cols, persistent=False)
+        self.register_buffer("is_diagonal", rows == cols, persistent=False)
+
+    def forward(self, raw: torch.Tensor) -> torch.Tensor:
+        values = torch.where(self.is_diagonal, nn.functional.softplus(raw + _SOFTPLUS_ONE), raw)
+        flat = raw.new_zeros(raw.shape[:-1] + (self.m * self.m,))
+        return flat.index_copy(-1, self.flat_index, values).unflatten(-1, (self.m, self.m))
 
 
 class ControlNet(nn.Module):
@@ -88,6 +96,7 @@ class ControlNet(nn.Module):
         m = self.noise_dim
         num_scale = {"prior": 0, "diagonal": m, "full": m * (m + 1) // 2}[covariance]
         self.head = nn.Linear(hidden_dims[-1], m + num_scale)
+        self.tril = _TrilFromRaw(m) if covariance == "full" else None
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 
@@ -104,7 +113,7 @@ class ControlNet(nn.Module):
             return u
         if self.covariance == "diagonal":
             return u, nn.functional.softplus(out[..., m:] + _SOFTPLUS_ONE)
-        return u, _tril_from_raw(out[..., m:], m)
+        return u, self.tril(out[..., m:])
 
 
 class AffineCoefficients:

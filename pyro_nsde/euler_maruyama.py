@@ -86,17 +86,27 @@ def simulate(law, x0, eps, control=None, checkpoint_every=None):
         ``ΔW_k = h_k u_k + sqrt(h_k) S_k ξ_k``.
     :param int checkpoint_every: if set (and gradients are on), run the loop in blocks of this
         many steps under :func:`torch.utils.checkpoint.checkpoint`: the activations inside the
-        drift, diffusion and control are recomputed in the backward pass instead of stored, so
-        memory grows with ``K`` only through the path itself.
+        drift, diffusion and control are recomputed in the backward pass instead of stored.
     :returns: ``(path, steps)``: the path ``(..., K+1, d)`` and its :class:`SimulatedSteps`.
     """
     num_steps = law.grid.num_steps
     if checkpoint_every and torch.is_grad_enabled():
+        # Non-reentrant checkpointing: activations inside a block are recomputed in the
+        # backward pass. (The reentrant variant stores even less, but breaks when the drift
+        # captures tensors with a gradient history, e.g. parameters sampled in the model.)
         x, parts = x0, []
         for k0 in range(0, num_steps, checkpoint_every):
             k1 = min(k0 + checkpoint_every, num_steps)
             part = torch.utils.checkpoint.checkpoint(
-                _run_steps, law, control, eps, k0, k1, x, use_reentrant=False
+                _run_steps,
+                law,
+                control,
+                eps,
+                k0,
+                k1,
+                x,
+                use_reentrant=False,
+                preserve_rng_state=False,
             )
             parts.append(part)
             x = part[0][-1]
@@ -159,12 +169,14 @@ def _check_finite(path, grid):
     finite = torch.isfinite(path).all(-1)  # (..., K+1)
     if bool(finite.all()):
         return
-    bad = (~finite).reshape(-1, finite.shape[-1]).any(0)
-    k = int(bad.nonzero()[0, 0])
-    t = grid.times[..., k].reshape(-1)[0].item()
+    bad = (~finite).nonzero()  # rows (*batch index, k)
+    first = bad[bad[:, -1].argmin()].tolist()
+    k = first[-1]
+    t = grid.times.expand(finite.shape)[tuple(first)].item()
     raise ValueError(
-        f"the simulated path became non-finite at step {k} (t = {t:.6g}); the drift or "
-        f"diffusion is unstable for this step size, or the parameters are out of range"
+        f"the simulated path became non-finite at step {k} (t = {t:.6g}) in batch element "
+        f"{tuple(first[:-1])}; the drift or diffusion is unstable for this step size, or the "
+        f"parameters are out of range"
     )
 
 
@@ -259,30 +271,46 @@ class EulerMaruyama(TorchDistribution):
         batch = torch.broadcast_shapes(init_batch, self.grid.batch_shape)
         x = times.new_zeros(batch + (state_dim,))
         t = self.grid.step(0)[0]
-        f = self.drift(t, x)
-        if not isinstance(f, torch.Tensor) or f.dim() < 1 or f.shape[-1] != state_dim:
-            shape = tuple(f.shape) if isinstance(f, torch.Tensor) else type(f).__name__
+        try:
+            f = self.drift(t, x)
+        except (RuntimeError, IndexError) as error:
+            raise ValueError(
+                f"drift {_name(self.drift)} failed on x of shape {tuple(x.shape)} "
+                f"(d = {state_dim} from init): {error}"
+            ) from error
+        if not isinstance(f, torch.Tensor):
+            raise TypeError(
+                f"drift {_name(self.drift)} must return a tensor, but returned {type(f).__name__}"
+            )
+        if f.dim() < 1 or f.shape[-1] != state_dim:
             raise ValueError(
                 f"drift {_name(self.drift)} must return a tensor of shape (..., {state_dim}) "
-                f"for x of shape {tuple(x.shape)}, but returned {shape}"
+                f"(d = {state_dim} from init) for x of shape {tuple(x.shape)}, but returned "
+                f"{tuple(f.shape)}"
             )
         if f.dtype != times.dtype:
             raise TypeError(
                 f"drift {_name(self.drift)} returned dtype {f.dtype}, but times has dtype "
                 f"{times.dtype}; use one floating point dtype throughout"
             )
+        name = "diffusion" if not callable(self.diffusion) else f"diffusion {_name(self.diffusion)}"
         g = self.diffusion(t, x) if callable(self.diffusion) else self.diffusion
         if not isinstance(g, torch.Tensor):
-            raise TypeError(f"diffusion must return a tensor, but returned {type(g).__name__}")
-        name = "diffusion" if not callable(self.diffusion) else f"diffusion {_name(self.diffusion)}"
+            raise TypeError(f"{name} must return a tensor, but returned {type(g).__name__}")
+        if g.dtype != times.dtype:
+            raise TypeError(
+                f"{name} has dtype {g.dtype}, but times has dtype {times.dtype}; use one "
+                f"floating point dtype throughout"
+            )
         check_diffusion_shape(self.noise_type, g, state_dim, name)
         if validate and not callable(self.diffusion):
             if not torch.isfinite(g).all():
                 raise ValueError("diffusion must be finite, but has non-finite entries")
-            if self.noise_type == "diagonal" and not (g != 0).all():
+            if self.noise_type == "diagonal" and not (g > 0).all():
                 raise ValueError(
-                    "diffusion entries must be > 0 for noise_type='diagonal'; for noise on a "
-                    "subset of coordinates pass a (d, m) matrix with noise_type='general'"
+                    f"diffusion entries must be > 0 for noise_type='diagonal', but got "
+                    f"{float(g[g <= 0][0]):g}; for noise on a subset of coordinates pass a "
+                    f"(d, m) matrix with noise_type='general'"
                 )
         g_batch = g.shape[: g.dim() - diffusion_event_dim(self.noise_type)]
         batch = torch.broadcast_shapes(batch, f.shape[:-1], g_batch)

@@ -148,10 +148,15 @@ class GirsanovGuide(AutoGuide):
         if self.encoder is not None:
             with torch.no_grad(), poutine.block():
                 context = self._encode(self._create_plates(*args, **kwargs), args, kwargs)
-            if not isinstance(context, torch.Tensor) or context.dim() < 1:
-                raise ValueError(
+            if not isinstance(context, torch.Tensor):
+                raise TypeError(
                     f"encoder must return a tensor of shape batch + (c,) or batch + (K+1, c), "
                     f"but returned {type(context).__name__}"
+                )
+            if context.dim() < 1:
+                raise ValueError(
+                    "encoder must return a tensor of shape batch + (c,) or batch + (K+1, c), "
+                    "but returned a scalar"
                 )
         self.controls = PyroModule()
         self.x0_locs = PyroModule()
@@ -181,6 +186,14 @@ class GirsanovGuide(AutoGuide):
             )
             self._context_per_step[name] = per_step
             context_dim = context.shape[-1]
+            context_batch = context.shape[: -2 if per_step else -1]
+            if not any(_broadcasts(context_batch, b) for b in (prior.batch_shape, batch)):
+                raise ValueError(
+                    f"encoder must return a context of shape batch + (c,) or batch + "
+                    f"({num_steps + 1}, c) with batch broadcastable to the batch shape "
+                    f"{tuple(prior.batch_shape)} of path site {name!r}, but returned shape "
+                    f"{tuple(context.shape)}"
+                )
         spec = self._control_spec
         if isinstance(spec, dict):
             if name not in spec:
@@ -349,6 +362,13 @@ class GirsanovGuide(AutoGuide):
                         posterior = posterior.base_dist
                     values[name] = posterior.skeleton()
         return values
+
+
+def _broadcasts(shape, batch_shape) -> bool:
+    try:
+        return torch.broadcast_shapes(shape, batch_shape) == batch_shape
+    except RuntimeError:
+        return False
 
 
 def _module_key(name: str) -> str:

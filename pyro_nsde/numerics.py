@@ -161,13 +161,16 @@ class CheckedSVI(SVI):
             set_rng_state(start)
             try:
                 culprit = find_nonfinite_site(model, guide, *args, elbo=elbo, **kwargs)
+                cause = (
+                    str(culprit)
+                    if culprit is not None
+                    else "every site's value and log_prob is finite, so their sum overflowed"
+                )
+            except (RuntimeError, ValueError) as error:
+                # Without validation a NaN can also break a later operation (a Cholesky, say).
+                cause = f"the site could not be identified ({type(error).__name__}: {error})"
             finally:
                 set_rng_state(after)
-            cause = (
-                str(culprit)
-                if culprit is not None
-                else "every site's value and log_prob is finite, so their sum overflowed"
-            )
             raise ValueError(
                 f"SVI loss is {loss}: {cause}. The step was not applied; the parameters keep "
                 f"their values from before it."
