@@ -348,9 +348,11 @@ def _observation_terms(site: _Site, node: dict, num_draws: int):
     return log_lik, predictive, observed[0]
 
 
-def _draw_groups(draws: _Draws, prefix: str, log_likelihood: bool) -> dict:
-    """ArviZ groups (numpy dicts) of posterior or prior draws; masked observations are
-    flattened onto a ``"{site}_obs"`` dim listing only the observed entries."""
+def _draw_groups(draws: _Draws, prefix: str, log_likelihood: bool) -> tuple[dict, dict]:
+    """ArviZ groups of posterior or prior draws, as ``({group: {name: array}}, masks)``.
+
+    An observed site with masked-out entries is flattened onto its observed entries; ``masks``
+    maps its name to the boolean mask ``pointwise`` of the observed entries."""
     chains, num = draws.num_chains, draws.num_draws
     predictive_group = "posterior_predictive" if prefix == "posterior" else "prior_predictive"
     groups = {prefix: {}, predictive_group: {}, "observed_data": {}, "log_likelihood": {}}
@@ -383,9 +385,9 @@ def _draw_groups(draws: _Draws, prefix: str, log_likelihood: bool) -> dict:
 # --------------------------------------------------------------------------- dims and coords
 
 
-def _grid_times(path) -> torch.Tensor:
-    """The site's grid without leading singleton dims: ``(K+1,)`` or ``(*series, K+1)``."""
-    times = path.times.detach()
+def _squeeze_grid(times: torch.Tensor) -> torch.Tensor:
+    """A grid without leading singleton dims: ``(K+1,)`` or ``(*series, K+1)``."""
+    times = times.detach()
     while times.dim() > 1 and times.shape[0] == 1:
         times = times[0]
     return times
@@ -400,7 +402,7 @@ def _default_layout(sites: dict):
         dims[name] = list(site.dims)
         if site.path is None:
             continue
-        times = _grid_times(site.path)
+        times = _squeeze_grid(site.path.times)
         if first is None:
             first = (times, site.path.state_dim)
         same_grid = times.shape == first[0].shape and bool((times == first[0]).all())
@@ -417,14 +419,13 @@ def _grid_coordinate(times: torch.Tensor, dims, shape) -> tuple | None:
     series ``times`` ``(..., T)``: the coordinate ``"{time_dim}_value"`` over
     ``(*series dims, time_dim)`` holding each series' times, as ``(name, dims, values)``.
     ``None`` for a shared grid ``(T,)``."""
-    while times.dim() > 1 and times.shape[0] == 1:
-        times = times[0]
+    times = _squeeze_grid(times)
     if times.dim() == 1:
         return None
     grid_ndim = times.dim() - 1
     coord_dims = tuple(dims[len(dims) - 2 - grid_ndim : len(dims) - 1])
     expanded = times.expand(tuple(shape[len(shape) - 2 - grid_ndim : -1]))
-    return f"{dims[-2]}_value", coord_dims, expanded.detach().cpu().numpy()
+    return f"{dims[-2]}_value", coord_dims, expanded.cpu().numpy()
 
 
 def _check_dims(sites: dict, dims: dict):
@@ -592,14 +593,9 @@ def to_inference_data(
 
     runs = []
     if guide is not None:
-        runs.append(
-            (
-                "posterior",
-                _guide_draws(
-                    model, guide, model_args, kwargs, num_chains * num_samples, num_chains
-                ),
-            )
-        )
+        num_draws = num_chains * num_samples
+        draws = _guide_draws(model, guide, model_args, kwargs, num_draws, num_chains)
+        runs.append(("posterior", draws))
     elif mcmc is not None:
         runs.append(("posterior", _mcmc_draws(model, mcmc, model_args, kwargs)))
     if prior:
@@ -622,9 +618,9 @@ def to_inference_data(
 
     extra_coords = {}
     for name, site in sites.items():
-        grid = (
-            None if site.path is None else _grid_coordinate(site.path.times, dims[name], site.shape)
-        )
+        grid = None
+        if site.path is not None:
+            grid = _grid_coordinate(site.path.times, dims[name], site.shape)
         if grid is not None:
             for group in ("posterior", "prior"):
                 if name in groups.get(group, {}):
@@ -633,11 +629,9 @@ def to_inference_data(
             pointwise = masks[name].dim()
             flat = _flat_coords(name, dims[name][:pointwise], masks[name], coords)
             dims[name] = [f"{name}_obs", *dims[name][pointwise:]]
-            for group in ("observed_data", "posterior_predictive", "prior_predictive"):
-                if name in groups.get(group, {}):
+            for group in groups:
+                if name in groups[group]:
                     extra_coords.setdefault(group, {}).update(flat)
-            if name in groups.get("log_likelihood", {}):
-                extra_coords.setdefault("log_likelihood", {}).update(flat)
 
     library = {"inference_library": "pyro", "inference_library_version": pyro.__version__}
     attrs = {group: {**library, **attrs.get(group, {})} for group in groups}

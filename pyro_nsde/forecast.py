@@ -14,9 +14,10 @@ The drift ``f_θ`` and diffusion ``G_θ`` are those of the model's
 :class:`~pyro_nsde.EulerMaruyama` at the path site, evaluated with the parameters of each draw.
 """
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
-import xarray as xr
 from pyro import poutine
 
 from .diagnostics import (
@@ -31,6 +32,9 @@ from .diagnostics import (
 )
 from .euler_maruyama import EulerMaruyama
 from .guide import unwrap_path_distribution
+
+if TYPE_CHECKING:
+    import xarray
 
 
 def _posterior_samples(posterior):
@@ -93,7 +97,7 @@ def forecast(
     model_args=(),
     model_kwargs=None,
     site: str | None = None,
-) -> xr.DataArray:
+) -> "xarray.DataArray":
     r"""Forecast the path site ``site`` of ``model`` at ``future_times`` from posterior draws.
 
     Each posterior draw is put back into the model (one vectorized run, conditioned on all
@@ -163,4 +167,6 @@ def forecast(
         coords[dims[-2]] = np.arange(shape[-2])
         coords[per_series[0]] = per_series[1:]
     coords.update(chain=np.arange(num_chains), draw=np.arange(num_draws // num_chains))
-    return xr.DataArray(values, dims=(*SAMPLE_DIMS, *dims), coords=coords, name=site)
+    import xarray
+
+    return xarray.DataArray(values, dims=(*SAMPLE_DIMS, *dims), coords=coords, name=site)
