@@ -30,6 +30,7 @@ import numpy as np
 import pyro
 import torch
 from pyro.infer import SVI, Trace_ELBO
+from tqdm.auto import tqdm
 
 from .datasets import TimeSeries, lynx_hare, read_csv
 from .guide import GirsanovGuide
@@ -48,8 +49,8 @@ FAST_STEPS, FAST_SAMPLES = 30, 100
 #: The models of ``fit --model``.
 MODEL_NAMES = {"neural": "neural", "ou": "Ornstein-Uhlenbeck"}
 
-#: Central probability of the posterior predictive interval whose coverage is reported.
-COVERAGE_LEVEL = 0.9
+#: Central probabilities of the posterior predictive intervals whose coverage is reported.
+COVERAGE_LEVELS = (0.5, 0.9)
 
 
 def fast_mode() -> bool:
@@ -78,8 +79,6 @@ def fit_svi(
 
     :returns: the loss (negative ELBO estimate) of every step.
     """
-    from tqdm.auto import tqdm
-
     decay = (final_lr / lr) ** (1.0 / max(steps, 1))
     optim = pyro.optim.ClippedAdam({"lr": lr, "lrd": decay, "clip_norm": 10.0})
     elbo = Trace_ELBO(num_particles=num_particles, vectorize_particles=True, max_plate_nesting=2)
@@ -145,7 +144,7 @@ def _write_outputs(out: Path, idata, losses, paths, future, observations, parame
     out.mkdir(parents=True, exist_ok=True)
     files = {"posterior": out / "posterior.nc", "summary": out / "summary.csv"}
     idata.to_netcdf(str(files["posterior"]))
-    summary = az.summary(idata, var_names=parameters, kind="stats", hdi_prob=COVERAGE_LEVEL)
+    summary = az.summary(idata, var_names=parameters, kind="stats", hdi_prob=0.9)
     summary.to_csv(files["summary"])
 
     view = az.InferenceData(posterior=paths.to_dataset())
@@ -166,16 +165,19 @@ def _write_outputs(out: Path, idata, losses, paths, future, observations, parame
     return files, summary
 
 
-def _coverage(idata) -> float:
+def _coverage(idata) -> dict:
+    """``{level: coverage}`` of the observed values by their posterior predictive draws."""
     draws = idata.posterior_predictive["y"].values
     draws = draws.reshape((-1, *draws.shape[2:]))
-    return interval_coverage(draws, idata.observed_data["y"].values, COVERAGE_LEVEL)
+    observed = idata.observed_data["y"].values
+    return {level: interval_coverage(draws, observed, level) for level in COVERAGE_LEVELS}
 
 
 def _report(files, coverage, num_observed):
+    inside = ", ".join(f"{value:.0%} in the {level:.0%}" for level, value in coverage.items())
     print(
-        f"posterior predictive coverage: {coverage:.0%} of the {num_observed} observations lie "
-        f"inside their central {COVERAGE_LEVEL:.0%} interval"
+        f"posterior predictive check: of the {num_observed} observations, {inside} central "
+        f"intervals"
     )
     width = max(len(name) for name in files)
     print("outputs:")
@@ -194,6 +196,7 @@ def _forecast_times(last: float, horizon: float, step: float) -> torch.Tensor:
 
 def run_demo(args) -> dict:
     """The ``demo`` command: stochastic Lotka–Volterra on the lynx–hare data."""
+    # Imported here, not at the top: ArviZ and xarray are slow to import and --help needs neither.
     from .diagnostics import to_inference_data
     from .forecast import forecast
 
@@ -250,12 +253,15 @@ def run_demo(args) -> dict:
 
 def run_fit(args) -> dict:
     """The ``fit`` command: a latent neural SDE or OU model on a user's CSV file."""
+    # Imported here, not at the top: ArviZ and xarray are slow to import and --help needs neither.
     from .diagnostics import to_inference_data
     from .forecast import forecast
 
     columns = None if args.columns is None else [c.strip() for c in args.columns.split(",")]
-    series = read_csv(args.data, time=args.time, columns=columns)
-    scaled, (loc, scale), (t0, unit) = _standardize(series)
+    # Read and standardize in double precision (times may be large, e.g. Unix timestamps),
+    # then fit in the default dtype.
+    series = read_csv(args.data, time=args.time, columns=columns, dtype=torch.float64)
+    scaled, (loc, scale), (t0, unit) = _standardize(series, torch.get_default_dtype())
     span = (series.times[-1] - series.times[0]).item()
     horizon = 0.2 * span if args.forecast is None else args.forecast
     num = series.values.shape[1]
@@ -276,6 +282,7 @@ def run_fit(args) -> dict:
         "series": list(series.columns),
         "obs_time": series.times.numpy(),
         "state": state_names,
+        "coordinates": state_names,
     }
     idata = to_inference_data(
         model, guide=guide, model_args=(scaled.values,), num_samples=args.samples, coords=coords
@@ -283,8 +290,10 @@ def run_fit(args) -> dict:
     future = _forecast_times(float(scaled.times[-1]), horizon / unit, 1.0 / args.steps_per_unit)
     path = forecast(model, idata, future, model_args=(scaled.values,))
     # Model time (median gaps since the first row) → the time column's units.
-    idata.posterior = idata.posterior.assign_coords(time=t0 + unit * idata.posterior.time)
-    path = path.assign_coords(time=t0 + unit * path.time)
+    idata.posterior = idata.posterior.assign_coords(
+        time=t0 + unit * idata.posterior.time.astype(np.float64)
+    )
+    path = path.assign_coords(time=t0 + unit * path.time.astype(np.float64))
     extra = model.state_dim - num
     units = {
         "state_loc": np.concatenate([loc.numpy(), np.zeros(extra)]),
@@ -307,18 +316,18 @@ def run_fit(args) -> dict:
     )
     print(
         f"parameters are in standardized units: each column minus its mean, divided by its "
-        f"standard deviation; time in units of {unit:g} {series.time_name} from {t0:g}"
+        f"standard deviation; time in units of {unit:.10g} {series.time_name} from {t0:.10g}"
     )
     coverage = _coverage(idata)
     _report(files, coverage, int(series.mask.sum()))
     return {"files": files, "coverage": coverage}
 
 
-def _standardize(series: TimeSeries):
+def _standardize(series: TimeSeries, dtype: torch.dtype):
     """Columns to mean 0 and scale 1 (over their observed values), time to ``(t - t_0) / u``
     with ``u`` the median gap between observations.
 
-    :returns: ``(scaled series, (loc, scale) per column, (t_0, u))``.
+    :returns: ``(scaled series in dtype, (loc, scale) per column, (t_0, u))``.
     """
     values, observed = series.values, series.mask
     count = observed.sum(0)
@@ -330,8 +339,8 @@ def _standardize(series: TimeSeries):
     t0 = series.times[0].item()
     unit = (series.times[1:] - series.times[:-1]).median().item()
     scaled = TimeSeries(
-        times=(series.times - t0) / unit,
-        values=(values - loc) / scale,
+        times=((series.times - t0) / unit).to(dtype),
+        values=((values - loc) / scale).to(dtype),
         columns=series.columns,
         time_name=series.time_name,
     )
@@ -432,6 +441,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run ``pyro-nsde`` with the arguments ``argv`` (default: ``sys.argv[1:]``).
 
+    Seeds Pyro with ``--seed`` and clears Pyro's parameter store before fitting.
+
     :returns: ``0`` on success; bad input exits with status 1 and a one-line message on
         stderr (``SystemExit``), bad options with status 2 (argparse).
     """
@@ -451,3 +462,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.exit(1, f"pyro-nsde {args.command}: error: {error}\n")
     sys.stdout.flush()
     return 0
+
+
+__all__ = ["build_parser", "fit_svi", "interval_coverage", "main", "run_demo", "run_fit"]

@@ -172,3 +172,6 @@ def _parse(cell: str, column: str, line: int) -> float:
     if not math.isfinite(value):
         raise ValueError(f"non-finite value {text!r} in column {column!r} on line {line}")
     return value
+
+
+__all__ = ["MIN_ROWS", "MISSING", "TimeSeries", "lynx_hare", "read_csv"]

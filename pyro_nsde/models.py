@@ -181,32 +181,6 @@ class LatentSDEModel(ABC):
                     likelihood = likelihood.mask(observed)
             return pyro.sample("y", likelihood, obs=y)
 
-    @torch.no_grad()
-    def forecast(self, samples: dict, times: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Continue posterior draws past the grid with the prior dynamics.
-
-        The process is Markov and no data lie beyond the grid, so the forecast given the data
-        is the prior SDE started from the posterior of the last state: each draw of
-        ``(θ, x_K)`` is continued on ``times`` with its own parameters.
-
-        :param dict samples: ``S`` posterior draws of every parameter site and of ``"x"``, laid
-            out as :class:`~pyro.infer.Predictive` with ``parallel=True`` returns them: ``"x"``
-            ``(S, 1, 1, K+1, d)``, a scalar ``(S, 1, 1)``, a per-series parameter
-            ``(S, 1, D)``.
-        :param torch.Tensor times: ``(K'+1,)``, with ``times[0]`` the last grid time.
-        :returns: ``(paths, y)``: latent paths ``(S, K'+1, d)`` and simulated observations
-            ``(S, K'+1, D)`` at ``times``.
-        """
-        if not torch.isclose(times[0], self.times[-1]):
-            raise ValueError(
-                f"forecast times must start at the last grid time {self.times[-1].item():g}, "
-                f"but start at {times[0].item():g}"
-            )
-        law = self.path_law(samples, times=times, init=samples["x"][..., -1, :])
-        index = torch.arange(times.shape[0], device=times.device)
-        states = states_at(law.sample(), index)
-        return states, self.likelihood(states, samples).sample()
-
 
 class LotkaVolterra(LatentSDEModel):
     r"""Stochastic Lotka–Volterra dynamics on log-populations, with lognormal observations.
@@ -418,3 +392,14 @@ class NeuralSDE(LatentSDEModel):
 
     def likelihood(self, states: torch.Tensor, params: dict) -> dist.Distribution:
         return dist.Normal(states[..., : self.obs_dim], params["sigma_obs"])
+
+
+__all__ = [
+    "LatentSDEModel",
+    "LotkaVolterra",
+    "NeuralSDE",
+    "OrnsteinUhlenbeck",
+    "observation_grid",
+    "per_coordinate",
+    "states_at",
+]
