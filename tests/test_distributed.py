@@ -9,6 +9,9 @@ shards are unequal (3 and 2 series), so the shard weights ``n_i / N`` matter.
 
 import os
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pyro
 import pyro.distributions as dist
@@ -256,3 +259,14 @@ def test_process_group_without_torch_distributed_is_an_error():
     guide, elbo, optim = _build()
     with pytest.raises(ValueError, match="process_group"):
         DataParallelSVI(_model, guide, optim, elbo, process_group=object())
+
+
+def test_distributed_tutorial_runs_single_process_in_fast_mode():
+    script = Path(__file__).parents[1] / "tutorials" / "distributed_svi.py"
+    env = dict(os.environ, PYRO_NSDE_FAST="1", OMP_NUM_THREADS="1")
+    env.pop("WORLD_SIZE", None)
+    result = subprocess.run(
+        [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    assert "θ: median" in result.stdout

@@ -38,7 +38,7 @@ import torch
 import torch.distributed
 from pyro.infer import Trace_ELBO
 
-from pyro_nsde import AffineControl, EulerMaruyama, GirsanovGuide
+from pyro_nsde import EulerMaruyama, GirsanovGuide
 from pyro_nsde.distributed import DataParallelSVI, shard_indices
 
 TRUE_THETA = 1.5
@@ -64,8 +64,11 @@ def make_model(times: torch.Tensor, obs_steps: torch.Tensor, num_series: int):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--num-series", type=int, default=64, help="N, over all processes")
-    parser.add_argument("--num-steps", type=int, default=1000, help="SVI steps")
+    fast = os.environ.get("PYRO_NSDE_FAST") == "1"  # a quick run (CI)
+    parser.add_argument(
+        "--num-series", type=int, default=8 if fast else 64, help="N, over all processes"
+    )
+    parser.add_argument("--num-steps", type=int, default=30 if fast else 1000, help="SVI steps")
     parser.add_argument("--warmup", type=int, default=5, help="steps left out of the timing")
     parser.add_argument("--time-steps", type=int, default=40, help="K, Euler–Maruyama steps")
     parser.add_argument("--num-particles", type=int, default=4)
@@ -103,12 +106,10 @@ def main(argv=None):
     # Independent noise on each process; the initial parameters are broadcast from process 0.
     pyro.set_rng_seed(args.seed + 1 + rank)
     pyro.clear_param_store()
-    # One affine control per series, built on the device here (control="affine" would build
-    # it on the default device).
-    control = AffineControl(time_steps, 1, batch_shape=(num_series,)).to(device)
+    # One affine control per series (built on the device of the model's path site).
     guide = GirsanovGuide(
         model,
-        control=control,
+        control="affine",
         create_plates=lambda y, idx: pyro.plate("series", num_series, subsample=idx, dim=-1),
     )
     elbo = Trace_ELBO(
