@@ -6,6 +6,7 @@ Public API: the path law :class:`EulerMaruyama` and its Girsanov posterior
 forecasting, diagnostics and checkpoints. Plots live in :mod:`pyro_nsde.plots`.
 """
 
+from . import datasets as datasets
 from .checkpoint import load_checkpoint, save_checkpoint
 from .controls import AffineControl, ControlNet
 from .diagnostics import VariationalDiagnostics, to_inference_data, variational_diagnostics
