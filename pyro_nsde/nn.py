@@ -176,9 +176,9 @@ class DiffusionNet(nn.Module):
 
     ``noise_type="general"`` (``m = d``): a network gives ``B(t, x)`` ``(d, d)`` and
 
-        ``G = chol(floor² I + B Bᵀ)``,   shape ``(..., d, d)``,
+        ``G Gᵀ = floor² I + B Bᵀ``,  ``G`` lower-triangular,   shape ``(..., d, d)``,
 
-    a lower-triangular factor whose singular values all lie in
+    (computed stably by a QR decomposition), whose singular values all lie in
     ``[floor, sqrt(floor² + |B|²)]``: positive definite and well conditioned by construction.
 
     With ``hidden_dims=()`` there is no network: ``n_i`` (or ``B``) is a learned constant, so
@@ -262,10 +262,22 @@ class DiffusionNet(nn.Module):
             raw = self.head(self.net(t, x))
         if self.noise_type == "diagonal":
             return self.floor + nn.functional.softplus(raw)
-        d = self.state_dim
-        b = raw.reshape(raw.shape[:-1] + (d, d))
-        eye = torch.eye(d, dtype=b.dtype, device=b.device)
-        return torch.linalg.cholesky(self.floor**2 * eye + b @ b.transpose(-1, -2))
+        return _floored_factor(raw.reshape(raw.shape[:-1] + (self.state_dim,) * 2), self.floor)
+
+
+def _floored_factor(b: torch.Tensor, floor: float) -> torch.Tensor:
+    """The lower-triangular ``G`` with positive diagonal and ``G Gᵀ = floor² I + B Bᵀ``.
+
+    From the QR decomposition ``[Bᵀ; floor I] = Q R``: ``Rᵀ R = B Bᵀ + floor² I``, so
+    ``G = Rᵀ`` (rows of ``R`` sign-flipped to a positive diagonal). This never squares ``B``,
+    so it stays accurate where a Cholesky factorization of ``floor² I + B Bᵀ`` would fail in
+    single precision.
+    """
+    d = b.shape[-1]
+    eye = torch.eye(d, dtype=b.dtype, device=b.device).expand(b.shape)
+    r = torch.linalg.qr(torch.cat([b.transpose(-1, -2), floor * eye], -2), mode="r").R
+    sign = torch.where(r.diagonal(dim1=-2, dim2=-1) < 0, -1.0, 1.0).to(b.dtype)
+    return (r * sign.unsqueeze(-1)).transpose(-1, -2)
 
 
 class PosteriorDriftControl(nn.Module):
@@ -274,14 +286,16 @@ class PosteriorDriftControl(nn.Module):
         ``u(t, x, c) = G(t, x)⁻¹ (v(t, x, c) - f(t, x))``,
 
     where ``f`` and ``G`` are the model's drift and diffusion and ``v`` is a network (a
-    :class:`~pyro_nsde.ControlNet` with ``d`` outputs and context ``c``). The Girsanov
+    :class:`~pyro_nsde.ControlNet` with ``d`` outputs, whose context is ``c`` and, if
+    ``time_frequencies`` are given, the time features ``φ(t)`` of :class:`TimeFeatures`). The
     posterior then has drift ``f + G u = v`` whatever ``f`` is, as in Li et al.'s latent SDE,
     whose posterior drift is a network of its own. The per-step KL
     ``½ h |G⁻¹(v - f)|²`` depends on ``f`` directly, so a learned prior drift is pulled
     straight towards the posterior's. With a plain control (``v = f + G u``) a change of ``f``
-    moves the posterior paths too, and ``f`` learns only through them; on the double-well
-    system identification of ``tests/test_sysid.py`` this parametrization reaches a drift
-    error about three times smaller in the same number of steps.
+    moves the posterior paths too, and ``f`` learns only through them: on the double-well
+    system identification of ``tests/test_sysid.py`` (256 series, 180 SVI steps) the learned
+    drift's relative error is 0.21 with this control and 0.84 with a plain
+    :class:`~pyro_nsde.ControlNet` of the same size.
 
     ``f`` and ``G`` must be fixed functions of ``(t, x)`` (modules, registered by the model
     with ``pyro.module``); they are referenced, not owned, so the guide does not register their
@@ -297,6 +311,9 @@ class PosteriorDriftControl(nn.Module):
         control returns ``(u, S)`` as :class:`~pyro_nsde.ControlNet` does.
     :param str noise_type: the model's noise type (default: ``diffusion.noise_type`` if it
         has one, else ``"diagonal"``).
+    :param tuple time_frequencies: frequencies of time features for ``v`` (default ``()``:
+        ``v`` sees ``t`` only as the raw input of :class:`~pyro_nsde.ControlNet`). Features
+        such as ``(1, 2, 4, 8)`` let ``v`` follow oscillating posteriors in far fewer steps.
 
     **References:**
 
@@ -313,6 +330,7 @@ class PosteriorDriftControl(nn.Module):
         hidden_dims=(64, 64),
         covariance: str = "prior",
         noise_type: str | None = None,
+        time_frequencies=(),
     ):
         super().__init__()
         if not callable(drift):
@@ -322,11 +340,20 @@ class PosteriorDriftControl(nn.Module):
         if check_noise_type(noise_type) == "scalar":
             raise ValueError("PosteriorDriftControl needs noise_dim == state_dim, not 'scalar'")
         self.noise_type = noise_type
-        self.net = ControlNet(state_dim, state_dim, context_dim, hidden_dims, covariance)
+        self.time_features = _time_features(time_frequencies, False)
+        num_features = 0 if self.time_features is None else self.time_features.num_features
+        self.net = ControlNet(
+            state_dim, state_dim, context_dim + num_features, hidden_dims, covariance
+        )
         self.covariance = self.net.covariance
         self._prior = (drift, diffusion)  # a tuple: referenced, not registered as submodules
 
     def forward(self, t: torch.Tensor, x: torch.Tensor, context: torch.Tensor | None = None):
+        if self.time_features is not None:
+            features = self.time_features(_as_time(t, x))
+            parts = [features] if context is None else [features, context]
+            batch = torch.broadcast_shapes(x.shape[:-1], *(p.shape[:-1] for p in parts))
+            context = torch.cat([p.expand(batch + p.shape[-1:]) for p in parts], -1)
         out = self.net(t, x, context)
         v, scale = (out, None) if self.covariance == "prior" else out
         drift, diffusion = self._prior
