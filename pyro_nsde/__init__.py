@@ -10,11 +10,15 @@ from . import datasets as datasets
 from .checkpoint import load_checkpoint, save_checkpoint
 from .controls import AffineControl, ControlNet
 from .diagnostics import VariationalDiagnostics, to_inference_data, variational_diagnostics
+from .encoders import GRUEncoder
 from .euler_maruyama import EulerMaruyama
 from .forecast import forecast
 from .girsanov import GirsanovEulerMaruyama
 from .guide import GirsanovGuide
+from .nn import DiffusionNet, DriftNet, PosteriorDriftControl, TimeFeatures
 from .numerics import CheckedSVI, find_nonfinite_site
+from .predict import predictive_paths, solve_sde
+from .series import GriddedSeries, common_grid, series_grids
 
 __version__ = "0.1.0"
 
@@ -22,14 +26,24 @@ __all__ = [
     "AffineControl",
     "CheckedSVI",
     "ControlNet",
+    "DiffusionNet",
+    "DriftNet",
     "EulerMaruyama",
+    "GRUEncoder",
     "GirsanovEulerMaruyama",
     "GirsanovGuide",
+    "GriddedSeries",
+    "PosteriorDriftControl",
+    "TimeFeatures",
     "VariationalDiagnostics",
+    "common_grid",
     "find_nonfinite_site",
     "forecast",
     "load_checkpoint",
+    "predictive_paths",
     "save_checkpoint",
+    "series_grids",
+    "solve_sde",
     "to_inference_data",
     "variational_diagnostics",
 ]

@@ -129,10 +129,14 @@ class AffineCoefficients:
         self.loc = loc.movedim(-2, 0)
         self.gain = gain.movedim(-3, 0)
         self.scale = None if scale is None else scale.movedim(-3 if covariance == "full" else -2, 0)
+        # Split into steps once: indexing ``[k]`` at every step would make the backward pass
+        # fill a zero tensor of all K steps for each step, O(K²) time.
+        self._locs, self._gains = self.loc.unbind(0), self.gain.unbind(0)
+        self._scales = None if scale is None else self.scale.unbind(0)
 
     def at_step(self, k, t, h, x):
-        v = self.loc[k] + (self.gain[k] @ x.unsqueeze(-1)).squeeze(-1)
-        return v / h.sqrt(), None if self.scale is None else self.scale[k]
+        v = self._locs[k] + (self._gains[k] @ x.unsqueeze(-1)).squeeze(-1)
+        return v / h.sqrt(), None if self._scales is None else self._scales[k]
 
     def at_all_steps(self, t, h, x):
         """All steps at once: ``x`` ``(K, ..., d)``, ``h`` ``(K, ..., 1)``."""
@@ -216,6 +220,8 @@ class CallableControl:
         self.covariance = check_covariance(covariance)
         if per_step:
             self._steps = context[..., :-1, :].movedim(-2, 0)
+            # Split once (see AffineCoefficients): per-step indexing costs O(K²) backward.
+            self._step_contexts = self._steps.unbind(0)
 
     def _split(self, out):
         if self.covariance == "prior":
@@ -233,7 +239,7 @@ class CallableControl:
         return out
 
     def at_step(self, k, t, h, x):
-        context = self._steps[k] if self.per_step else self.context
+        context = self._step_contexts[k] if self.per_step else self.context
         return self._split(self.control(t, x, context))
 
     def at_all_steps(self, t, h, x):

@@ -28,20 +28,24 @@ def _series_argument(*args, **kwargs) -> GriddedSeries:
 class GRUEncoder(nn.Module):
     r"""A GRU run backward in time over a grid of observations, giving a context per grid point:
 
-        ``e_k = (y_k ⊙ m_k, m_k, h_k)``,   ``s_k = GRU(s_{k+1}, e_k)``,   ``c_k = W s_k + b``,
+        ``e_k = (y_k ⊙ m_k, m_k, h_k)``,   ``s_k = GRU(s_{k+1}, e_k)``,
+        ``c_k = W s_k + b + V (e_k, e_{k+1})``,
 
     for ``k = K, ..., 0`` with ``s_{K+1} = 0``, where ``y_k`` are the values at grid point
     ``k``, ``m_k`` the 0/1 mask of observed coordinates (missing points enter as zeros with a
     zero mask, so their values never matter) and ``h_k = t_{k+1} - t_k`` the step to the next
     grid point (``0`` at the end; omitted with ``time_input=False``). Running backward, ``c_k``
     summarizes the observations at and after ``t_k``: what the posterior of the step from
-    ``x_k`` needs, and at ``k = 0`` what the posterior of ``x_0`` needs.
+    ``x_k`` needs, and at ``k = 0`` what the posterior of ``x_0`` needs. The linear skip
+    ``V (e_k, e_{k+1})`` (``e_{K+1} = 0``) hands the control the next grid point's observation
+    directly, which a GRU otherwise learns to carry only slowly.
 
     :param int obs_dim: ``D``, the number of observed coordinates.
     :param int context_dim: ``c``.
     :param int hidden_dim: the GRU's state size.
     :param int num_layers: stacked GRU layers.
     :param bool time_input: feed the step sizes ``h_k`` (useful on non-uniform grids).
+    :param bool skip: add the linear skip ``V (e_k, e_{k+1})``.
     :param callable series_from: maps the model's arguments to a :class:`GriddedSeries`
         (default: the first ``GriddedSeries`` among them).
 

@@ -28,7 +28,8 @@ towards small diffusions in variational EM comes from the guide: at a finite ste
 mean-shift guide cannot shrink the increment covariance as the exact posterior does, and the
 KL it cannot remove grows with the diffusion. Remove it with a learned increment covariance
 (``GirsanovGuide(..., covariance="diagonal")``) or a step small against
-``observation variance / diffusion variance``; see ``docs/neural_sdes.md`` for the
+``observation variance / diffusion variance``, and fit the guide for a while before the
+diffusion (a poor early guide drags it down too); see ``docs/neural_sdes.md`` for the
 measurements.
 """
 
@@ -55,7 +56,7 @@ def _as_time(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 class TimeFeatures(nn.Module):
     r"""Fixed features of time:
 
-        ``φ(t) = (t, sin(ω_1 t), cos(ω_1 t), ..., sin(ω_J t), cos(ω_J t))``
+        ``φ(t) = (t, sin(ω_1 t), ..., sin(ω_J t), cos(ω_1 t), ..., cos(ω_J t))``
 
     (the leading ``t`` only with ``linear=True``). Bounded features (the default: no ``t``)
     keep a network's input in range when it is evaluated past the training window, e.g. in a

@@ -6,9 +6,12 @@ SDE ``dX = f(t, X) dt + G(t, X) dW`` can be solved at a finer step, or with a hi
 (stochastic Runge–Kutta, Milstein), for smoother and more accurate sample paths and forecasts.
 
 - :func:`solve_sde` solves the SDE from given states with :func:`torchsde.sdeint`.
-- :func:`forecast` draws from the posterior of a fitted model (its guide), takes each draw's
-  SDE (the model's own drift and diffusion at that site, with that draw's parameters) and its
-  state at a grid time, and solves forward from there.
+- :func:`predictive_paths` draws from the posterior of a fitted model (its guide), takes each
+  draw's SDE (the model's own drift and diffusion at that site, with that draw's parameters)
+  and its state at a grid time, and solves forward from there.
+
+(:func:`pyro_nsde.forecast` continues the draws of an ArviZ or MCMC posterior with the model's
+own Euler–Maruyama chain instead.)
 
 Schemes (torchsde names), for Itô SDEs: ``"euler"`` (any noise), ``"milstein"`` (strong order
 1 for ``"diagonal"``, ``"scalar"`` and ``"additive"`` noise) and ``"srk"`` (strong order 1.5
@@ -80,7 +83,8 @@ def solve_sde(
     :param float dt: the solver's step (default: the smallest gap of ``times`` / 10).
     :param bm: a torchsde Brownian motion of size ``(prod(batch), m)`` (default: a fresh
         ``BrownianInterval`` seeded from torch's random generator, so ``torch.manual_seed``
-        makes the result reproducible).
+        makes the result reproducible; pass ``dt`` to a ``BrownianInterval`` of your own, it
+        is many times faster with it).
     :param options: passed on to :func:`torchsde.sdeint` (e.g. ``adaptive=True``).
     :returns: paths ``batch + (T, d)``; ``[..., j, :]`` is the state at ``times[j]``.
     """
@@ -108,19 +112,20 @@ def solve_sde(
         noise = sde.g(times[0], y0).shape[-1] if noise_type != "diagonal" else d
         levy = {"srk": "space-time"}.get(method, "none")
         bm = torchsde.BrownianInterval(
-            t0=times[0],
-            t1=times[-1],
+            t0=float(times[0]),
+            t1=float(times[-1]),
             size=(y0.shape[0], noise),
             dtype=y0.dtype,
             device=y0.device,
             levy_area_approximation=levy,
             entropy=int(torch.randint(2**31 - 1, ())),
+            dt=dt,  # the hint sets up its dependency tree at once: ~15x faster than without
         )
     ys = torchsde.sdeint(sde, y0, times, method=method, dt=dt, bm=bm, **options)
     return ys.movedim(0, 1).reshape(batch + (times.shape[0], d))
 
 
-def forecast(
+def predictive_paths(
     model,
     guide,
     *args,
@@ -162,6 +167,8 @@ def forecast(
     """
     from .guide import unwrap_path_distribution
 
+    if not (isinstance(num_samples, int) and num_samples > 0):
+        raise ValueError(f"num_samples must be a positive int, but got {num_samples!r}")
     max_plate_nesting = _max_plate_nesting(model, guide, args, kwargs)
     with torch.no_grad(), poutine.block():
         with pyro.plate("_num_predictive_samples", num_samples, dim=-max_plate_nesting - 1):
@@ -179,7 +186,7 @@ def forecast(
     if t_start.numel() != 1:
         raise ValueError(
             f"the grid time at start={start} differs between series ({t_start.tolist()}); "
-            f"forecast needs a common start time"
+            f"predictive_paths needs a common start time"
         )
     times = times.to(path)
     if times.dim() != 1 or times[0] < t_start:
@@ -219,4 +226,4 @@ def _max_plate_nesting(model, guide, args, kwargs) -> int:
     return max(dims, default=0)
 
 
-__all__ = ["METHODS", "forecast", "solve_sde"]
+__all__ = ["METHODS", "predictive_paths", "solve_sde"]
