@@ -85,15 +85,16 @@ def test_full_covariance_reaches_log_evidence_with_rank_deficient_diffusion():
     """Position–velocity oscillator, noise on the velocity only (``G`` is ``(2, 1)``), precise
     position observations: the mean shift stays 0.75 nats below; ``"full"`` reaches
     ``log p(y)`` less the 0.43-nat gap of the guide's mean-field ``q(x_0)`` within 0.05 nats,
-    and the marginals of the best such guide."""
+    and the marginals of the best such guide (within 0.15 sd and 7.5 %; see the mean-shift
+    version in ``test_guide.py`` for why precise observations need long runs)."""
     problem = PRECISE_OSCILLATOR
     post = problem.posterior
-    trained = train_and_measure(problem, steps=6000, covariance="full")
+    trained = train_and_measure(problem, steps=5000, num_particles=64, decay=0.1, covariance="full")
     bound = post.log_py - mean_field_init_gap(post)
     assert post.mean_shift_gap() > 0.7
     assert abs(trained.elbo.mean - bound) < 0.05 + 3 * trained.elbo.stderr
     mean, sd = problem.optimum(step_covariance=True).marginals()
-    check_marginals(trained.paths, mean, sd)
+    check_marginals(trained.paths, mean, sd, tol=0.15)
 
 
 # ------------------------------------------------------------------ variational EM of a diffusion

@@ -207,8 +207,9 @@ class TrainedGuide:
     paths: torch.Tensor
 
 
-def train_and_measure(problem, steps, **guide_options) -> TrainedGuide:
-    guide = fit(problem.model, problem.y, steps=steps, **guide_options)
+def train_and_measure(problem, steps, **options) -> TrainedGuide:
+    """:func:`fit` (``options`` as there), then 4000 log weights and 10 000 paths."""
+    guide = fit(problem.model, problem.y, steps=steps, **options)
     elbo = estimate_elbo(problem.model, guide, problem.y)
     return TrainedGuide(problem, elbo, sample_paths(problem.model, guide, problem.y))
 
@@ -313,14 +314,17 @@ def test_affine_guide_marginals_match_the_mean_shift_optimum(mean_shift_guide):
 @pytest.mark.slow
 def test_affine_guide_reaches_the_best_mean_shift_elbo_with_precise_observations():
     """Observation noise 0.1: the optimal gains on the position are large and nearly collinear
-    with the offsets, and Adam needs ~3000 steps at lr 0.05 (vs 200 for noise 0.3)."""
+    with the offsets (the position's posterior sd is 0.06-0.1), and Adam needs ~3000 steps at
+    lr 0.05 to get within 0.1 nats (vs 200 for noise 0.3); the marginals (whose sds differ
+    from the smoother's by up to 34 % here) settle later still, so this run uses 4000 steps
+    with 64 particles and checks them within 0.15 sd (means) and 7.5 % (sds)."""
     problem = PRECISE_OSCILLATOR
-    trained = train_and_measure(problem, steps=4000)
+    trained = train_and_measure(problem, steps=4000, num_particles=64, decay=0.1)
     post, elbo = problem.posterior, trained.elbo
     bound = post.log_py - post.mean_shift_gap() - mean_field_init_gap(post)
     assert abs(elbo.mean - bound) < 0.1 + 3 * elbo.stderr
     mean, sd = problem.optimum(step_covariance=False).marginals()
-    check_marginals(trained.paths, mean, sd)
+    check_marginals(trained.paths, mean, sd, tol=0.15)
 
 
 # ------------------------------------------------------------------- parameters and plates
