@@ -65,6 +65,8 @@ class GirsanovGuide(AutoGuide):
         :class:`~pyro_nsde.girsanov.GirsanovEulerMaruyama`.
     :param str covariance: ``"prior"`` (the pure Girsanov mean shift), ``"diagonal"`` or
         ``"full"`` (a learned increment covariance ``S_k``; see :mod:`pyro_nsde.controls`).
+        With ``"full"`` the posterior of ``x_0`` is a full-rank normal (else diagonal), so
+        that with an affine control the exact posterior of a linear SDE is in the family.
     :param callable init_loc_fn: initialization of the mean-field and ``x_0`` locations
         (default :func:`~pyro.infer.autoguide.initialization.init_to_median`).
     :param tuple hidden_dims: hidden widths of ``"mlp"`` controls.
@@ -221,12 +223,14 @@ class GirsanovGuide(AutoGuide):
                     x0 = periodic_repeat(x0, full, frame.dim - 1).contiguous()
             x0 = x0.expand(batch + (d,)).clone()
             deep_setattr(self.x0_locs, name, PyroParam(x0, event_dim=1))
-            scale = torch.full_like(x0, self.init_scale)
-            deep_setattr(
-                self.x0_scales,
-                name,
-                PyroParam(scale, dist.constraints.softplus_positive, event_dim=1),
-            )
+            if self.covariance == "full":  # a full-rank q(x_0), so the family holds the
+                # exact posterior of a linear SDE (with an affine control)
+                scale = torch.diag_embed(torch.full_like(x0, self.init_scale))
+                param = PyroParam(scale, dist.constraints.lower_cholesky, event_dim=2)
+            else:
+                scale = torch.full_like(x0, self.init_scale)
+                param = PyroParam(scale, dist.constraints.softplus_positive, event_dim=1)
+            deep_setattr(self.x0_scales, name, param)
         else:
             head = nn.Linear(context_dim, 2 * d).to(**like)
             nn.init.zeros_(head.weight)
@@ -286,6 +290,8 @@ class GirsanovGuide(AutoGuide):
         if context is None:
             loc = attrgetter(name)(self.x0_locs)
             scale = attrgetter(name)(self.x0_scales)
+            if scale.dim() > loc.dim():
+                return dist.MultivariateNormal(loc, scale_tril=scale)
         else:
             first = context[..., 0, :] if self._context_per_step[name] else context
             out = self.x0_heads[_module_key(name)](first)
