@@ -10,6 +10,8 @@ particle and plate dims do).
 
 import torch
 
+_ATTR = "_pyro_nsde_grid"
+
 
 def time_first(tensor: torch.Tensor, ndim: int) -> torch.Tensor:
     """Insert singleton dims after the leading step axis so ``tensor`` has ``ndim`` dims."""
@@ -54,23 +56,37 @@ class TimeGrid:
                     f"{float(times[tuple(before)]):g}"
                 )
         self.times = times
+        self.validated = validate
+        self.version = times._version
         self.num_steps = times.shape[-1] - 1
         self.batch_shape = times.shape[:-1]
         self.h = times[..., 1:] - times[..., :-1]
         # Step-major views with a trailing singleton, for the sequential loop.
         self._t_steps = times[..., :-1].unsqueeze(-1).movedim(-2, 0)
         self._h_steps = self.h.unsqueeze(-1).movedim(-2, 0)
-        self._steps = list(
-            zip(
-                self._t_steps.unbind(0),
-                self._h_steps.unbind(0),
-                self._h_steps.sqrt().unbind(0),
-                strict=True,
-            )
-        )
+        self._steps = None
+
+    @classmethod
+    def of(cls, times, validate: bool = True) -> "TimeGrid":
+        """The grid of ``times``, reused across calls with the same (unmodified) tensor, so
+        that a model called at every SVI step validates and splits its grid once."""
+        grid = getattr(times, _ATTR, None)
+        if grid is None or grid.version != times._version or (validate and not grid.validated):
+            grid = cls(times, validate)
+            setattr(times, _ATTR, grid)
+        return grid
 
     def step(self, k: int):
         """``(t_k, h_k, sqrt(h_k))``, each of shape ``grid_batch + (1,)``."""
+        if self._steps is None:  # split once, on first use
+            self._steps = list(
+                zip(
+                    self._t_steps.unbind(0),
+                    self._h_steps.unbind(0),
+                    self._h_steps.sqrt().unbind(0),
+                    strict=True,
+                )
+            )
         return self._steps[k]
 
     def stacked(self, ndim: int):

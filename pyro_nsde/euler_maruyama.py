@@ -243,7 +243,7 @@ class EulerMaruyama(TorchDistribution):
                 f"diffusion must be a tensor or a callable G(t, x), "
                 f"but got {type(diffusion).__name__}"
             )
-        self.grid = TimeGrid(times, validate=validate)
+        self.grid = TimeGrid.of(times, validate=validate)
         self.init = init
         if isinstance(init, Distribution):
             if len(init.event_shape) != 1:
