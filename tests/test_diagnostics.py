@@ -417,7 +417,8 @@ def optimal_affine_guide(covariance, num_steps, noise, end_time=2.0):
         guide.controls.x.scale = torch.linalg.cholesky(step_cov)
     mean0, cov0 = init_posterior(posterior)
     guide.x0_locs.x = mean0
-    guide.x0_scales.x = cov0.diagonal().sqrt()
+    full = covariance == "full"  # then q(x_0) is a full-rank normal
+    guide.x0_scales.x = torch.linalg.cholesky(cov0) if full else cov0.diagonal().sqrt()
     return model, guide, y, posterior
 
 

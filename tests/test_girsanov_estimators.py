@@ -63,7 +63,13 @@ def random_affine_guide(problem, covariance="prior", estimator="girsanov", seed=
             raw = noise(control.scale, 0.2)
             control.scale = raw.tril(-1) + torch.diag_embed(raw.diagonal(dim1=-2, dim2=-1).exp())
         guide.x0_locs.x = noise(guide.x0_locs.x, 0.5)
-        guide.x0_scales.x = 0.5 * noise(guide.x0_scales.x, 0.2).exp()
+        raw = noise(guide.x0_scales.x, 0.2)
+        if covariance == "full":  # a full-rank q(x_0): a lower-triangular scale
+            guide.x0_scales.x = 0.5 * (
+                raw.tril(-1) + torch.diag_embed(raw.diagonal(0, -2, -1).exp())
+            )
+        else:
+            guide.x0_scales.x = 0.5 * raw.exp()
     return guide
 
 
@@ -212,4 +218,7 @@ def set_to_optimum(problem, guide):
         if control.covariance == "full":
             control.scale = torch.linalg.cholesky(cov).to(dtype)
         guide.x0_locs.x = init_loc.to(dtype)
-        guide.x0_scales.x = torch.linalg.inv(init_cov).diagonal().rsqrt().to(dtype)
+        if control.covariance == "full":  # q(x_0) is a full-rank normal
+            guide.x0_scales.x = torch.linalg.cholesky(init_cov).to(dtype)
+        else:  # the best diagonal q(x_0)
+            guide.x0_scales.x = torch.linalg.inv(init_cov).diagonal().rsqrt().to(dtype)

@@ -196,7 +196,8 @@ def affine_chain_of(problem: LinearProblem, guide: GirsanovGuide) -> AffineGauss
     scale = None if control.covariance == "prior" else control.scale
     if control.covariance == "diagonal":
         scale = torch.diag_embed(scale)
-    init_cov = torch.diag(guide.x0_scales.x**2)
+    init_scale = guide.x0_scales.x  # lower-triangular for covariance="full", else diagonal
+    init_cov = init_scale @ init_scale.T if init_scale.dim() == 2 else torch.diag(init_scale**2)
     return problem.chain(control.loc, control.gain, scale, guide.x0_locs.x, init_cov)
 
 
