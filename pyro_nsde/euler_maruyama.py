@@ -341,10 +341,6 @@ class EulerMaruyama(TorchDistribution):
         """A key equal for two instances that define the same transition law."""
         return _path_record.law_key((self.drift, self.diffusion, self.noise_type, self.times))
 
-    def sample_init(self, sample_shape=torch.Size()):
-        """Draw ``x_0`` of shape ``sample_shape + batch_shape + (d,)`` (reparameterized)."""
-        return _draw_init(self.init, self._extended_shape(sample_shape)[:-2], self.state_dim)
-
     def rsample(self, sample_shape=torch.Size()) -> torch.Tensor:
         shape = self._extended_shape(sample_shape)[:-2]
         x0 = _draw_init(self.init, shape, self.state_dim)
@@ -429,4 +425,4 @@ def _name(fn):
     return getattr(fn, "__qualname__", None) or type(fn).__name__
 
 
-__all__ = ["EulerMaruyama", "SimulatedSteps", "simulate", "time_first"]
+__all__ = ["EulerMaruyama", "SimulatedSteps", "simulate"]
