@@ -195,7 +195,22 @@ class Implementation:
         return contextlib.nullcontext()
 
 
-class PlainLoop(Implementation):
+class _TorchImplementation(Implementation):
+    """An implementation with a ``loss(particles)`` tensor and a ``torch.optim`` optimizer."""
+
+    def step(self) -> float:
+        loss = self.loss(self.particles)
+        self.optim.zero_grad()
+        loss.backward()
+        self.optim.step()
+        return loss.item()
+
+    @torch.no_grad()
+    def estimate(self, particles: int) -> float:
+        return self.loss(particles).item()
+
+
+class PlainLoop(_TorchImplementation):
     """The floor: a hand-written Euler–Maruyama loop and ``torch.optim.Adam``."""
 
     def __init__(self, problem, particles):
@@ -220,17 +235,6 @@ class PlainLoop(Implementation):
                 observed.append(x)
         kl = (0.5 * h) * torch.stack(us).pow(2).sum((0, -1))
         return (kl - p.log_likelihood(torch.stack(observed))).mean()
-
-    def step(self) -> float:
-        loss = self.loss(self.particles)
-        self.optim.zero_grad()
-        loss.backward()
-        self.optim.step()
-        return loss.item()
-
-    @torch.no_grad()
-    def estimate(self, particles: int) -> float:
-        return self.loss(particles).item()
 
 
 class _PyroImplementation(Implementation):
@@ -365,7 +369,7 @@ class _PosteriorSDE(nn.Module):
         return self.drift(t.reshape(1), y)
 
 
-class TorchSDE(Implementation):
+class TorchSDE(_TorchImplementation):
     """``torchsde.sdeint(..., method="euler", logqp=True)`` with a sized Brownian interval."""
 
     def __init__(self, problem, particles):
@@ -395,17 +399,6 @@ class TorchSDE(Implementation):
         )
         kl = log_ratio.sum(0)
         return (kl - p.log_likelihood(ys[self.obs_rows])).mean()
-
-    def step(self) -> float:
-        loss = self.loss(self.particles)
-        self.optim.zero_grad()
-        loss.backward()
-        self.optim.step()
-        return loss.item()
-
-    @torch.no_grad()
-    def estimate(self, particles: int) -> float:
-        return self.loss(particles).item()
 
 
 IMPLEMENTATIONS = {
