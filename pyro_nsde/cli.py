@@ -194,12 +194,23 @@ def _forecast_times(last: float, horizon: float, step: float) -> torch.Tensor:
 # --------------------------------------------------------------------------- commands
 
 
-def run_demo(args) -> dict:
-    """The ``demo`` command: stochastic Lotka–Volterra on the lynx–hare data."""
+def _fit_and_forecast(model, values, coords, future, args):
+    """Fit ``model`` to ``values`` with an affine ``GirsanovGuide``, convert the posterior to
+    ArviZ and forecast the path at ``future`` times: ``(losses, idata, forecast path)``."""
     # Imported here, not at the top: ArviZ and xarray are slow to import and --help needs neither.
     from .diagnostics import to_inference_data
     from .forecast import forecast
 
+    guide = GirsanovGuide(model, control="affine")
+    losses = fit_svi(model, guide, values, steps=args.steps, progress=not args.quiet)
+    idata = to_inference_data(
+        model, guide=guide, model_args=(values,), num_samples=args.samples, coords=coords
+    )
+    return losses, idata, forecast(model, idata, future, model_args=(values,))
+
+
+def run_demo(args) -> dict:
+    """The ``demo`` command: stochastic Lotka–Volterra on the lynx–hare data."""
     data = lynx_hare()
     first_year, last_year = float(data.times[0]), float(data.times[-1])
     if not args.forecast_to > last_year:
@@ -209,24 +220,19 @@ def run_demo(args) -> dict:
         )
     years = data.times - first_year
     model = LotkaVolterra(years, data.values[0].log(), steps_per_unit=args.steps_per_year)
-    guide = GirsanovGuide(model, control="affine")
     print(
         f"fitting a stochastic Lotka-Volterra model to the lynx-hare pelts "
         f"{first_year:.0f}-{last_year:.0f} ({model.times.shape[0] - 1} "
         f"Euler-Maruyama steps, {args.steps} SVI steps)"
     )
-    losses = fit_svi(model, guide, data.values, steps=args.steps, progress=not args.quiet)
     coords = {
         "series": list(data.columns),
         "obs_time": data.times.numpy(),
         "state": ["log_hare", "log_lynx"],
     }
-    idata = to_inference_data(
-        model, guide=guide, model_args=(data.values,), num_samples=args.samples, coords=coords
-    )
     horizon = args.forecast_to - last_year
     future = _forecast_times(float(years[-1]), horizon, 1.0 / args.steps_per_year)
-    path = forecast(model, idata, future, model_args=(data.values,))
+    losses, idata, path = _fit_and_forecast(model, data.values, coords, future, args)
     # Years since the first observation → calendar years.
     idata.posterior = idata.posterior.assign_coords(time=idata.posterior.time + first_year)
     path = path.assign_coords(time=path.time + first_year)
@@ -253,10 +259,6 @@ def run_demo(args) -> dict:
 
 def run_fit(args) -> dict:
     """The ``fit`` command: a latent neural SDE or OU model on a user's CSV file."""
-    # Imported here, not at the top: ArviZ and xarray are slow to import and --help needs neither.
-    from .diagnostics import to_inference_data
-    from .forecast import forecast
-
     columns = None if args.columns is None else [c.strip() for c in args.columns.split(",")]
     # Read and standardize in double precision (times may be large, e.g. Unix timestamps),
     # then fit in the default dtype.
@@ -271,24 +273,19 @@ def run_fit(args) -> dict:
     else:
         model = OrnsteinUhlenbeck(scaled.times, num, steps_per_unit=args.steps_per_unit)
         state_names = list(series.columns)
-    guide = GirsanovGuide(model, control="affine")
     print(
         f"fitting a latent {MODEL_NAMES[args.model]} SDE "
         f"to {', '.join(series.columns)} ({len(series)} rows, {int(series.mask.sum())} values, "
         f"{model.times.shape[0] - 1} Euler-Maruyama steps, {args.steps} SVI steps)"
     )
-    losses = fit_svi(model, guide, scaled.values, steps=args.steps, progress=not args.quiet)
     coords = {
         "series": list(series.columns),
         "obs_time": series.times.numpy(),
         "state": state_names,
         "coordinates": state_names,
     }
-    idata = to_inference_data(
-        model, guide=guide, model_args=(scaled.values,), num_samples=args.samples, coords=coords
-    )
     future = _forecast_times(float(scaled.times[-1]), horizon / unit, 1.0 / args.steps_per_unit)
-    path = forecast(model, idata, future, model_args=(scaled.values,))
+    losses, idata, path = _fit_and_forecast(model, scaled.values, coords, future, args)
     # Model time (median gaps since the first row) → the time column's units.
     idata.posterior = idata.posterior.assign_coords(
         time=t0 + unit * idata.posterior.time.astype(np.float64)

@@ -251,14 +251,10 @@ def assert_moments_match(paths, means, covs):
     assert z_cov.abs().max() < Z_TOL, z_cov
 
 
-@pytest.mark.parametrize("noise", list(LIN_G))
-def test_samples_match_exact_euler_maruyama_moments(noise):
-    G = LIN_G[noise]
-    init = dist.Normal(LIN_M0, LIN_S0).to_event(1)
-    law = EulerMaruyama(lambda t, x: x @ LIN_A.T + LIN_B, G, init, LIN_TIMES, noise_type="general")
-    paths = law.sample((NUM_SAMPLES,))
+def prior_moments(G):
+    """Exact means and covariances of the linear test SDE's Euler–Maruyama chain."""
     eye = torch.eye(D, dtype=F64)
-    means, covs = euler_maruyama_moments(
+    return euler_maruyama_moments(
         lambda h: eye + h * LIN_A,
         lambda h: h * LIN_B,
         lambda h: h * G @ G.T,
@@ -266,6 +262,15 @@ def test_samples_match_exact_euler_maruyama_moments(noise):
         torch.diag(LIN_S0**2),
         LIN_TIMES,
     )
+
+
+@pytest.mark.parametrize("noise", list(LIN_G))
+def test_samples_match_exact_euler_maruyama_moments(noise):
+    G = LIN_G[noise]
+    init = dist.Normal(LIN_M0, LIN_S0).to_event(1)
+    law = EulerMaruyama(lambda t, x: x @ LIN_A.T + LIN_B, G, init, LIN_TIMES, noise_type="general")
+    paths = law.sample((NUM_SAMPLES,))
+    means, covs = prior_moments(G)
     assert_moments_match(paths, means, covs)
 
 
@@ -306,15 +311,7 @@ def test_late_marginal_passes_kolmogorov_smirnov_against_exact_normal():
     init = dist.Normal(LIN_M0, LIN_S0).to_event(1)
     law = EulerMaruyama(lambda t, x: x @ LIN_A.T + LIN_B, G, init, LIN_TIMES, noise_type="general")
     paths = law.sample((NUM_SAMPLES,))
-    eye = torch.eye(D, dtype=F64)
-    means, covs = euler_maruyama_moments(
-        lambda h: eye + h * LIN_A,
-        lambda h: h * LIN_B,
-        lambda h: h * G @ G.T,
-        LIN_M0,
-        torch.diag(LIN_S0**2),
-        LIN_TIMES,
-    )
+    means, covs = prior_moments(G)
     # Position, which carries no noise of its own, at the last step.
     loc, scale = float(means[-1, 0]), math.sqrt(float(covs[-1, 0, 0]))
     result = scipy.stats.kstest(paths[:, -1, 0].numpy(), scipy.stats.norm(loc, scale).cdf)
