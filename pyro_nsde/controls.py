@@ -9,6 +9,11 @@ on the prior's support also for rank-deficient ``G``. ``covariance`` says what `
 ``"prior"`` (``S = I``: the pure mean shift of Tzen & Raginsky), ``"diagonal"`` (a positive
 ``(..., m)`` vector) or ``"full"`` (a lower-triangular ``(..., m, m)`` with positive diagonal).
 
+A callable control that needs the prior's drift and diffusion at ``(t, x)`` (such as
+:class:`~pyro_nsde.nn.PosteriorDriftControl`, ``u = G⁻¹(v - f)``) sets ``uses_prior = True``;
+it is then called as ``control(t, x, context, prior=(f, G))`` with the values the simulator
+(or the vectorized density) has already computed for the step, so nothing is evaluated twice.
+
 Two controls ship here: :class:`ControlNet`, a network ``u(t, x, context)``, and
 :class:`AffineControl`, a learned ``u_k(x) = (a_k + B_k x) / sqrt(h_k)`` per step, which is
 exact in form for linear SDEs.
@@ -134,11 +139,11 @@ class AffineCoefficients:
         self._locs, self._gains = self.loc.unbind(0), self.gain.unbind(0)
         self._scales = None if scale is None else self.scale.unbind(0)
 
-    def at_step(self, k, t, h, x):
+    def at_step(self, k, t, h, x, prior=None):
         v = self._locs[k] + (self._gains[k] @ x.unsqueeze(-1)).squeeze(-1)
         return v / h.sqrt(), None if self._scales is None else self._scales[k]
 
-    def at_all_steps(self, t, h, x):
+    def at_all_steps(self, t, h, x, prior=None):
         """All steps at once: ``x`` ``(K, ..., d)``, ``h`` ``(K, ..., 1)``."""
         n = x.dim()
         loc, gain = time_first(self.loc, n), time_first(self.gain, n + 1)
@@ -209,12 +214,16 @@ class CallableControl:
     :param bool per_step: whether ``context`` has a step axis.
     :param str covariance: the kind of ``S``; ``None`` reads ``control.covariance``
         (default ``"prior"``).
+
+    A control with ``uses_prior = True`` also receives ``prior=(f, G)``, the prior's drift
+    and diffusion values at ``(t, x)``.
     """
 
     def __init__(self, control, context=None, per_step=False, covariance=None):
         self.control = control
         self.context = context
         self.per_step = per_step
+        self.uses_prior = bool(getattr(control, "uses_prior", False))
         if covariance is None:
             covariance = getattr(control, "covariance", "prior")
         self.covariance = check_covariance(covariance)
@@ -238,12 +247,17 @@ class CallableControl:
             )
         return out
 
-    def at_step(self, k, t, h, x):
-        context = self._step_contexts[k] if self.per_step else self.context
+    def _call(self, t, x, context, prior):
+        if self.uses_prior:
+            return self._split(self.control(t, x, context, prior=prior))
         return self._split(self.control(t, x, context))
 
-    def at_all_steps(self, t, h, x):
+    def at_step(self, k, t, h, x, prior=None):
+        context = self._step_contexts[k] if self.per_step else self.context
+        return self._call(t, x, context, prior)
+
+    def at_all_steps(self, t, h, x, prior=None):
         context = self.context
         if self.per_step:
             context = time_first(self._steps, x.dim())
-        return self._split(self.control(t, x, context))
+        return self._call(t, x, context, prior)

@@ -1,5 +1,7 @@
 """The prior over paths: the Euler–Maruyama discretization of an Itô SDE as a Pyro distribution."""
 
+from typing import NamedTuple
+
 import torch
 import torch.utils.checkpoint
 from pyro.distributions import TorchDistribution, constraints
@@ -75,6 +77,23 @@ class SimulatedSteps:
         return step_kl(self.h, shift, scale, covariance).sum(0)
 
 
+class Residuals(NamedTuple):
+    """The drift and diffusion of a law evaluated on all steps of a path, step axis leftmost.
+
+    ``x`` ``(K, ..., d)``: the state at the start of each step; ``t`` ``(K, ..., 1)``;
+    ``h`` ``(K, ...)``; ``f`` ``(K, ..., d)``: ``f(t_k, x_k)``; ``z`` ``(K, ..., r)``: the
+    whitened residuals ``W_k(x_{k+1} - x_k - h_k f(t_k, x_k))``; ``factor``: the
+    :class:`~pyro_nsde.noise.DiffusionFactor` of ``G(t_k, x_k)``.
+    """
+
+    x: torch.Tensor
+    t: torch.Tensor
+    h: torch.Tensor
+    f: torch.Tensor
+    z: torch.Tensor
+    factor: DiffusionFactor
+
+
 def simulate(law, x0, eps, control=None, checkpoint_every=None):
     """Simulate ``x_{k+1} = x_k + h_k f(t_k, x_k) + G(t_k, x_k) ΔW_k`` from ``x0``.
 
@@ -82,8 +101,9 @@ def simulate(law, x0, eps, control=None, checkpoint_every=None):
     :param torch.Tensor x0: initial states ``(..., d)``.
     :param torch.Tensor eps: standard normal noise ``(K, ..., m)``.
     :param control: ``None`` for the prior (``ΔW_k = sqrt(h_k) ξ_k``), else an object with
-        ``covariance`` and ``at_step(k, t, h, x) -> (u, S)``:
-        ``ΔW_k = h_k u_k + sqrt(h_k) S_k ξ_k``.
+        ``covariance`` and ``at_step(k, t, h, x, prior) -> (u, S)``:
+        ``ΔW_k = h_k u_k + sqrt(h_k) S_k ξ_k``; ``prior`` is ``(f(t_k, x_k), G(t_k, x_k))``,
+        evaluated once for the step and shared with controls that use them.
     :param int checkpoint_every: if set (and gradients are on), run the loop in blocks of this
         many steps under :func:`torch.utils.checkpoint.checkpoint`: the activations inside the
         drift, diffusion and control are recomputed in the backward pass instead of stored.
@@ -149,7 +169,7 @@ def _run_steps(law, control, eps, k0, k1, x):
         if control is None:
             dw = sqrt_h * eps[k]
         else:
-            u, scale = control.at_step(k, t, h, x)
+            u, scale = control.at_step(k, t, h, x, (f, g))
             dw = h * u + sqrt_h * apply_scale(scale, eps[k], covariance)
             us.append(u)
             scales.append(scale)
@@ -355,15 +375,11 @@ class EulerMaruyama(TorchDistribution):
             return self.init.log_prob(value[..., 0, :])
         return 0.0
 
-    def residuals(self, value: torch.Tensor, batch_shape=None):
+    def residuals(self, value: torch.Tensor, batch_shape=None) -> Residuals:
         """Evaluate drift and diffusion on all steps of ``value`` in one call.
 
         ``value`` is first expanded to ``batch_shape`` (default: this law's), so that the
         leftmost step axis cannot pair with a batch dim the value lacks.
-
-        :returns: ``(x, t, h, z, factor)``: states ``(K, ..., d)`` at the start of each step,
-            times ``(K, ..., 1)``, steps ``(K, ...)``, whitened residuals ``z_k = W_k(x_{k+1}
-            - x_k - h_k f(t_k, x_k))`` ``(K, ..., r)`` and the :class:`DiffusionFactor`.
         """
         batch_shape = self.batch_shape if batch_shape is None else batch_shape
         value = value.expand(
@@ -380,7 +396,7 @@ class EulerMaruyama(TorchDistribution):
         g = self.diffusion(t, x) if callable(self.diffusion) else self.diffusion
         factor = DiffusionFactor(self.noise_type, g)
         z = factor.whiten(x_next - x - h * f)
-        return x, t, h.squeeze(-1), z, factor
+        return Residuals(x, t, h.squeeze(-1), f, z, factor)
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         if self._validate_args:
@@ -390,8 +406,8 @@ class EulerMaruyama(TorchDistribution):
         if record is not None and record.key == self.law_key():
             transitions = record.steps.prior_log_prob()
         else:
-            _, _, h, z, factor = self.residuals(value)
-            transitions = (step_log_density(z, h) - factor.log_volume).sum(0)
+            res = self.residuals(value)
+            transitions = (step_log_density(res.z, res.h) - res.factor.log_volume).sum(0)
         return (self.init_log_prob(value) + transitions).expand(shape)
 
     def girsanov(self, control, *, init=None, context=None, **kwargs):
@@ -425,4 +441,4 @@ def _name(fn):
     return getattr(fn, "__qualname__", None) or type(fn).__name__
 
 
-__all__ = ["EulerMaruyama", "SimulatedSteps", "simulate"]
+__all__ = ["EulerMaruyama", "Residuals", "SimulatedSteps", "simulate"]

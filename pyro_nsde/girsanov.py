@@ -187,10 +187,12 @@ class GirsanovEulerMaruyama(TorchDistribution):
         return 0.0
 
     def _exact_log_prob(self, value):
-        x, t, h, z, factor = self.prior.residuals(value, self.batch_shape)
-        u, scale = self.control.at_all_steps(t, h.unsqueeze(-1), x)
-        shift, scale, covariance = factor.to_whitened(u, scale, self.covariance)
-        lq = step_log_density(z, h, shift, scale, covariance) - factor.log_volume
+        res = self.prior.residuals(value, self.batch_shape)
+        u, scale = self.control.at_all_steps(
+            res.t, res.h.unsqueeze(-1), res.x, (res.f, res.factor.g)
+        )
+        shift, scale, covariance = res.factor.to_whitened(u, scale, self.covariance)
+        lq = step_log_density(res.z, res.h, shift, scale, covariance) - res.factor.log_volume
         return self._init_log_prob(value) + lq.sum(0)
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:

@@ -298,10 +298,14 @@ class PosteriorDriftControl(nn.Module):
     drift's relative error is 0.21 with this control and 0.84 with a plain
     :class:`~pyro_nsde.ControlNet` of the same size.
 
-    ``f`` and ``G`` must be fixed functions of ``(t, x)`` (modules, registered by the model
-    with ``pyro.module``); they are referenced, not owned, so the guide does not register their
-    parameters a second time. The noise must have ``m = d`` (``"diagonal"``, or a square
-    ``"general"``/``"additive"`` ``G``).
+    Inside :class:`~pyro_nsde.GirsanovGuide` (or
+    :meth:`~pyro_nsde.EulerMaruyama.girsanov`) ``f`` and ``G`` are the values of the prior
+    at the path site, which the simulator evaluates once per step for the Euler–Maruyama update
+    anyway (``uses_prior = True``: they arrive as ``prior=(f, G)``), so the control adds only the
+    cost of ``v`` and of solving with ``G``. The ``drift`` and ``diffusion`` given here are used
+    when the control is called on its own; pass the model's. They are referenced, not owned, so
+    the guide does not register their parameters a second time. The noise must have ``m = d``
+    (``"diagonal"``, or a square ``"general"``/``"additive"`` ``G``).
 
     :param callable drift: the model's drift ``f(t, x)``.
     :param diffusion: the model's diffusion, a callable ``G(t, x)`` or a tensor.
@@ -349,7 +353,17 @@ class PosteriorDriftControl(nn.Module):
         self.covariance = self.net.covariance
         self._prior = (drift, diffusion)  # a tuple: referenced, not registered as submodules
 
-    def forward(self, t: torch.Tensor, x: torch.Tensor, context: torch.Tensor | None = None):
+    uses_prior = True
+
+    def forward(
+        self,
+        t: torch.Tensor,
+        x: torch.Tensor,
+        context: torch.Tensor | None = None,
+        prior: tuple | None = None,
+    ):
+        """``u`` ``(..., d)`` (or ``(u, S)``) at ``x`` ``(..., d)``; ``prior``: the values
+        ``(f(t, x), G(t, x))`` if already known, else they are evaluated here."""
         if self.time_features is not None:
             features = self.time_features(_as_time(t, x))
             parts = [features] if context is None else [features, context]
@@ -357,14 +371,17 @@ class PosteriorDriftControl(nn.Module):
             context = torch.cat([p.expand(batch + p.shape[-1:]) for p in parts], -1)
         out = self.net(t, x, context)
         v, scale = (out, None) if self.covariance == "prior" else out
-        drift, diffusion = self._prior
-        g = diffusion(t, x) if callable(diffusion) else diffusion
+        if prior is None:
+            drift, diffusion = self._prior
+            f, g = drift(t, x), diffusion(t, x) if callable(diffusion) else diffusion
+        else:
+            f, g = prior
         if self.noise_type != "diagonal" and g.shape[-1] != g.shape[-2]:
             raise ValueError(
                 f"PosteriorDriftControl needs a square diffusion (m == d), "
                 f"but got shape {tuple(g.shape)}"
             )
-        u = DiffusionFactor(self.noise_type, g).whiten(v - drift(t, x))
+        u = DiffusionFactor(self.noise_type, g).whiten(v - f)
         return u if scale is None else (u, scale)
 
 

@@ -217,6 +217,46 @@ def test_posterior_drift_control_feeds_time_features_and_context_to_its_network(
     torch.testing.assert_close(control(t, x, context), expected)
 
 
+class _Counted(torch.nn.Module):
+    """Wraps a module and counts its calls."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module, self.calls = module, 0
+
+    def forward(self, t, x):
+        self.calls += 1
+        return self.module(t, x)
+
+
+def test_posterior_drift_control_reuses_the_simulators_drift_and_diffusion():
+    d, num_steps = 2, 6
+    drift = _Counted(_randomize(DriftNet(d, (8,))))
+    diffusion = _Counted(_randomize(DiffusionNet(d, hidden_dims=(8,)), scale=0.3))
+    control = PosteriorDriftControl(drift, diffusion, d, hidden_dims=(8,))
+    _randomize(control.net, scale=0.3)
+    prior = EulerMaruyama(drift, diffusion, torch.randn(3, d), torch.linspace(0, 1, num_steps + 1))
+    posterior = prior.girsanov(control)
+    drift.calls = diffusion.calls = 0
+    path = posterior.rsample()
+    assert (drift.calls, diffusion.calls) == (num_steps, num_steps)  # once per step, not twice
+    drift.calls = diffusion.calls = 0
+    fresh = path.detach().clone()  # no simulation record: the density is evaluated
+    log_q = posterior.log_prob(fresh)
+    assert (drift.calls, diffusion.calls) == (1, 1)  # one vectorized call each
+    # The shared values give the density of the control evaluated on its own.
+    x = fresh[:, :-1].movedim(-2, 0)
+    t = torch.linspace(0, 1, num_steps + 1)[:-1].reshape(-1, 1, 1)
+    u = control(t, x)
+    torch.testing.assert_close(u, (control.net(t, x) - drift(t, x)) / diffusion(t, x))
+    log_p = prior.log_prob(fresh)
+    h = 1 / num_steps
+    z = (fresh[:, 1:] - fresh[:, :-1]).movedim(-2, 0) - h * drift(t, x)
+    dw = z / diffusion(t, x)
+    expected = (-(dw - h * u).pow(2) / (2 * h) + dw.pow(2) / (2 * h)).sum((0, -1))
+    torch.testing.assert_close(log_q - log_p, expected)
+
+
 def test_invalid_arguments_name_the_problem():
     with pytest.raises(ValueError, match="noise_type"):
         DiffusionNet(2, "scalar")
