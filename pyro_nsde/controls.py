@@ -121,8 +121,15 @@ class ControlNet(nn.Module):
         return u, self.tril(out[..., m:])
 
 
+def affine_shift(t, h, x, prior, loc, gain, scale=None):
+    """``(u, S)`` of one step of an affine control: ``u = (a + B x) / sqrt(h)``."""
+    v = loc + (gain @ x.unsqueeze(-1)).squeeze(-1)
+    return v / h.sqrt(), scale
+
+
 class AffineCoefficients:
     """The coefficients of an :class:`AffineControl` for one call (subsampled under plates).
+    Per step: ``shift(t_k, h_k, x_k, prior, *step_inputs(k)) -> (u_k, S_k)``.
 
     ``u_k(x) = (a_k + B_k x) / sqrt(h_k)``, ``S_k`` as the covariance says. Tensors are held
     step-major: ``a`` ``(K, *batch, m)``, ``B`` ``(K, *batch, m, d)``.
@@ -139,9 +146,13 @@ class AffineCoefficients:
         self._locs, self._gains = self.loc.unbind(0), self.gain.unbind(0)
         self._scales = None if scale is None else self.scale.unbind(0)
 
-    def at_step(self, k, t, h, x, prior=None):
-        v = self._locs[k] + (self._gains[k] @ x.unsqueeze(-1)).squeeze(-1)
-        return v / h.sqrt(), None if self._scales is None else self._scales[k]
+    shift = staticmethod(affine_shift)
+
+    def step_inputs(self, k: int) -> tuple:
+        """The coefficients of step ``k``: ``(a_k, B_k)`` or ``(a_k, B_k, S_k)``."""
+        if self._scales is None:
+            return self._locs[k], self._gains[k]
+        return self._locs[k], self._gains[k], self._scales[k]
 
     def at_all_steps(self, t, h, x, prior=None):
         """All steps at once: ``x`` ``(K, ..., d)``, ``h`` ``(K, ..., 1)``."""
@@ -206,8 +217,27 @@ class AffineControl(PyroModule):
         return AffineCoefficients(self.loc, self.gain, scale, self.covariance)
 
 
+def callable_shift(t, h, x, prior, control, covariance, uses_prior, context):
+    """``(u, S)`` of a callable control at ``(t, x)`` (``S = None`` for ``"prior"``)."""
+    out = control(t, x, context, prior=prior) if uses_prior else control(t, x, context)
+    if covariance == "prior":
+        if isinstance(out, tuple):
+            raise ValueError(
+                "control returned (u, S) but covariance='prior'; pass covariance="
+                "'diagonal' or 'full' to use S"
+            )
+        return out, None
+    if not (isinstance(out, tuple) and len(out) == 2):
+        raise ValueError(
+            f"control must return (u, S) for covariance={covariance!r}, "
+            f"but returned {type(out).__name__}"
+        )
+    return out
+
+
 class CallableControl:
-    """Adapts a callable control ``u(t, x, context)`` to the per-step protocol of the simulator.
+    """Adapts a callable control ``u(t, x, context)`` to the per-step protocol of the simulator:
+    ``shift(t_k, h_k, x_k, prior, *step_inputs(k)) -> (u_k, S_k)``.
 
     :param control: returns ``u`` ``(..., m)``, or ``(u, S)``.
     :param context: ``None``, static ``batch + (c,)`` or per step ``batch + (K+1, c)``.
@@ -232,32 +262,17 @@ class CallableControl:
             # Split once (see AffineCoefficients): per-step indexing costs O(K²) backward.
             self._step_contexts = self._steps.unbind(0)
 
-    def _split(self, out):
-        if self.covariance == "prior":
-            if isinstance(out, tuple):
-                raise ValueError(
-                    "control returned (u, S) but covariance='prior'; pass covariance="
-                    "'diagonal' or 'full' to use S"
-                )
-            return out, None
-        if not (isinstance(out, tuple) and len(out) == 2):
-            raise ValueError(
-                f"control must return (u, S) for covariance={self.covariance!r}, "
-                f"but returned {type(out).__name__}"
-            )
-        return out
+    shift = staticmethod(callable_shift)
 
-    def _call(self, t, x, context, prior):
-        if self.uses_prior:
-            return self._split(self.control(t, x, context, prior=prior))
-        return self._split(self.control(t, x, context))
-
-    def at_step(self, k, t, h, x, prior=None):
+    def step_inputs(self, k: int) -> tuple:
+        """What :func:`callable_shift` needs besides ``(t, h, x, prior)`` at step ``k``."""
         context = self._step_contexts[k] if self.per_step else self.context
-        return self._call(t, x, context, prior)
+        return self.control, self.covariance, self.uses_prior, context
 
     def at_all_steps(self, t, h, x, prior=None):
         context = self.context
         if self.per_step:
             context = time_first(self._steps, x.dim())
-        return self._call(t, x, context, prior)
+        return callable_shift(
+            t, h, x, prior, self.control, self.covariance, self.uses_prior, context
+        )

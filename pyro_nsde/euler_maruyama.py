@@ -8,9 +8,11 @@ from pyro.distributions import TorchDistribution, constraints
 from torch.distributions import Distribution
 
 from . import _path_record
+from ._compile import maybe_compiled
 from ._grid import TimeGrid, time_first
 from .noise import (
     DiffusionFactor,
+    add_diffused,
     apply_scale,
     check_diffusion_shape,
     check_noise_type,
@@ -94,19 +96,23 @@ class Residuals(NamedTuple):
     factor: DiffusionFactor
 
 
-def simulate(law, x0, eps, control=None, checkpoint_every=None):
+def simulate(law, x0, eps, control=None, checkpoint_every=None, compile_step=False):
     """Simulate ``x_{k+1} = x_k + h_k f(t_k, x_k) + G(t_k, x_k) ΔW_k`` from ``x0``.
 
     :param EulerMaruyama law: drift, diffusion, noise type and grid.
     :param torch.Tensor x0: initial states ``(..., d)``.
     :param torch.Tensor eps: standard normal noise ``(K, ..., m)``.
     :param control: ``None`` for the prior (``ΔW_k = sqrt(h_k) ξ_k``), else an object with
-        ``covariance`` and ``at_step(k, t, h, x, prior) -> (u, S)``:
+        ``covariance``, ``step_inputs(k)`` and ``shift(t, h, x, prior, *inputs) -> (u, S)``:
         ``ΔW_k = h_k u_k + sqrt(h_k) S_k ξ_k``; ``prior`` is ``(f(t_k, x_k), G(t_k, x_k))``,
-        evaluated once for the step and shared with controls that use them.
+        evaluated once for the step and shared with controls that use them (see
+        :mod:`pyro_nsde.controls`).
     :param int checkpoint_every: if set (and gradients are on), run the loop in blocks of this
         many steps under :func:`torch.utils.checkpoint.checkpoint`: the activations inside the
         drift, diffusion and control are recomputed in the backward pass instead of stored.
+    :param bool compile_step: run :func:`euler_step` compiled by :func:`torch.compile`
+        (falls back to eager execution where compilation fails; see
+        :mod:`pyro_nsde._compile`).
     :returns: ``(path, steps)``: the path ``(..., K+1, d)`` and its :class:`SimulatedSteps`.
     """
     num_steps = law.grid.num_steps
@@ -125,16 +131,17 @@ def simulate(law, x0, eps, control=None, checkpoint_every=None):
                 k0,
                 k1,
                 x,
+                compile_step,
                 use_reentrant=False,
                 preserve_rng_state=False,
             )
             parts.append(part)
             x = part[0][-1]
-        xs, dws, gs, us, scales = (
+        xs, gs, us, scales = (
             None if chunks[0] is None else torch.cat(chunks) for chunks in zip(*parts, strict=True)
         )
     else:
-        xs, dws, gs, us, scales = _run_steps(law, control, eps, 0, num_steps, x0)
+        xs, gs, us, scales = _run_steps(law, control, eps, 0, num_steps, x0, compile_step)
     path = torch.cat([x0.unsqueeze(0), xs]).movedim(0, -2)
     if law._validate_args:
         _check_finite(path, law.grid)
@@ -143,44 +150,69 @@ def simulate(law, x0, eps, control=None, checkpoint_every=None):
     factor = DiffusionFactor(law.noise_type, law.diffusion if gs is None else gs)
     _, h = law.grid.stacked(eps.dim())
     if control is None:
-        return path, SimulatedSteps(dws, h.squeeze(-1), factor)
-    # Controls may return fewer batch dims than the state; align them step-major.
+        return path, SimulatedSteps(h.sqrt() * eps, h.squeeze(-1), factor)
+    # Controls may return fewer batch dims than the state; align them step-major. The
+    # increments ΔW_k = h_k u_k + sqrt(h_k) S_k ξ_k of all steps in one call.
     covariance = control.covariance
-    shift = time_first(us, dws.dim())
+    shift = time_first(us, eps.dim())
     if scales is not None:
-        scales = time_first(scales, dws.dim() + (covariance == "full"))
+        scales = time_first(scales, eps.dim() + (covariance == "full"))
+    dws = h * shift + h.sqrt() * apply_scale(scales, eps, covariance)
     return path, SimulatedSteps(dws, h.squeeze(-1), factor, shift, scales, covariance)
 
 
-def _run_steps(law, control, eps, k0, k1, x):
-    """Steps ``k0 <= k < k1`` from state ``x``; returns step-major stacks ``(xs, ΔW, G, u, S)``
+def euler_step(drift, diffusion, noise_type, shift, covariance, t, h, x, noise, inputs):
+    """One Euler–Maruyama step ``x' = x + h (f + G u) + G S sqrt(h) ξ``, i.e.
+    ``x' = x + h f + G ΔW`` with ``ΔW = h u + sqrt(h) S ξ``.
+
+    ``f = f(t, x)``, ``G = G(t, x)``; ``(u, S) = shift(t, h, x, (f, G), *inputs)``, or
+    ``u = 0``, ``S = I`` when ``shift`` is ``None`` (the prior).
+
+    :param noise: ``sqrt(h) ξ`` ``(..., m)``; for a constant diffusion with ``S = I``
+        (``covariance="prior"``) the state-space noise ``G sqrt(h) ξ`` ``(..., d)``, which
+        the caller computes for all steps at once.
+    :returns: ``(x', G, u, S)``.
+    """
+    f = drift(t, x)
+    constant = not callable(diffusion)
+    g = diffusion if constant else diffusion(t, x)
+    u = scale = None
+    if shift is not None:
+        u, scale = shift(t, h, x, (f, g), *inputs)
+        f = add_diffused(noise_type, f, g, u)
+    if constant and covariance == "prior":
+        x = x + noise
+    else:
+        x = add_diffused(noise_type, x, g, apply_scale(scale, noise, covariance))
+    return torch.addcmul(x, h, f), g, u, scale
+
+
+def _run_steps(law, control, eps, k0, k1, x, compile_step=False):
+    """Steps ``k0 <= k < k1`` from state ``x``; returns step-major stacks ``(xs, G, u, S)``
     (``None`` for what does not vary per step)."""
-    grid, drift, noise_type = law.grid, law.drift, law.noise_type
-    g = law.diffusion
-    constant_g = not callable(g)
+    grid, drift, diffusion, noise_type = law.grid, law.drift, law.diffusion, law.noise_type
+    step = maybe_compiled(euler_step, compile_step)
+    shift = None if control is None else control.shift
     covariance = "prior" if control is None else control.covariance
-    xs, dws, gs, us, scales = [], [], [], [], []
-    for k in range(k0, k1):
-        t, h, sqrt_h = grid.step(k)
-        f = drift(t, x)
-        if not constant_g:
-            g = law.diffusion(t, x)
-            gs.append(g)
-        if control is None:
-            dw = sqrt_h * eps[k]
-        else:
-            u, scale = control.at_step(k, t, h, x, (f, g))
-            dw = h * u + sqrt_h * apply_scale(scale, eps[k], covariance)
-            us.append(u)
-            scales.append(scale)
-        x = x + h * f + diffuse(noise_type, g, dw)
+    _, h = grid.stacked(eps.dim())
+    noise = h[k0:k1].sqrt() * eps[k0:k1]  # sqrt(h_k) ξ_k, all steps in one call
+    if not callable(diffusion) and covariance == "prior":
+        noise = diffuse(noise_type, diffusion, noise)
+    xs, gs, us, scales = [], [], [], []
+    for k, noise_k in zip(range(k0, k1), noise.unbind(0), strict=True):
+        t, h_k, _ = grid.step(k)
+        inputs = () if control is None else control.step_inputs(k)
+        x, g, u, scale = step(
+            drift, diffusion, noise_type, shift, covariance, t, h_k, x, noise_k, inputs
+        )
         xs.append(x)
-        dws.append(dw)
+        gs.append(g)
+        us.append(u)
+        scales.append(scale)
     return (
         torch.stack(xs),
-        torch.stack(dws),
-        torch.stack(gs) if gs else None,
-        torch.stack(us) if us else None,
+        torch.stack(gs) if callable(diffusion) else None,
+        None if control is None else torch.stack(us),
         torch.stack(scales) if covariance != "prior" else None,
     )
 

@@ -80,6 +80,15 @@ def diffuse(noise_type: str, g: torch.Tensor, dw: torch.Tensor) -> torch.Tensor:
     return (g @ dw.unsqueeze(-1)).squeeze(-1)
 
 
+def add_diffused(noise_type: str, base: torch.Tensor, g: torch.Tensor, dw: torch.Tensor):
+    """``base + G ΔW`` in one fused call where the noise type allows it."""
+    if noise_type == "diagonal":
+        return torch.addcmul(base, g, dw)
+    if noise_type == "scalar":
+        return torch.addcmul(base, g[..., 0], dw)
+    return base + (g @ dw.unsqueeze(-1)).squeeze(-1)
+
+
 class DiffusionFactor:
     """A factorization of ``G`` that whitens residuals.
 
