@@ -53,6 +53,10 @@ class GirsanovEulerMaruyama(TorchDistribution):
     :param int checkpoint_every: trade compute for memory on long paths: simulate in blocks of
         this many steps under gradient checkpointing (see :func:`~pyro_nsde.euler_maruyama.
         simulate`).
+    :param bool compile_step: simulate with the Euler–Maruyama step compiled by
+        :func:`torch.compile` (one fused graph for drift, diffusion, control and update; falls
+        back to eager execution where compilation fails). Pays on long training runs only: the
+        first call compiles for seconds to tens of seconds.
 
     **References:**
 
@@ -79,6 +83,7 @@ class GirsanovEulerMaruyama(TorchDistribution):
         context_per_step: bool | None = None,
         covariance: str | None = None,
         checkpoint_every: int | None = None,
+        compile_step: bool = False,
         validate_args=None,
     ):
         if not isinstance(prior, EulerMaruyama):
@@ -94,6 +99,7 @@ class GirsanovEulerMaruyama(TorchDistribution):
         self.prior = prior
         self.estimator = estimator
         self.checkpoint_every = checkpoint_every
+        self.compile_step = bool(compile_step)
         d, num_steps = prior.state_dim, prior.num_steps
         init = prior.init if init is None else init
         if isinstance(init, Distribution):
@@ -157,7 +163,12 @@ class GirsanovEulerMaruyama(TorchDistribution):
 
     def _simulate(self, x0, eps):
         path, steps = simulate(
-            self.prior, x0, eps, control=self.control, checkpoint_every=self.checkpoint_every
+            self.prior,
+            x0,
+            eps,
+            control=self.control,
+            checkpoint_every=self.checkpoint_every,
+            compile_step=self.compile_step,
         )
         record = _path_record.PathRecord(path, self.prior.law_key(), steps, self)
         _path_record.attach(path, record)

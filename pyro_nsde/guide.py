@@ -73,6 +73,8 @@ class GirsanovGuide(AutoGuide):
     :param callable create_plates: as for :class:`~pyro.infer.autoguide.AutoGuide`.
     :param int checkpoint_every: simulate path sites in blocks of this many steps under
         gradient checkpointing (memory-lean training on long paths).
+    :param bool compile_step: simulate path sites with the Euler–Maruyama step compiled by
+        :func:`torch.compile` (see :class:`~pyro_nsde.girsanov.GirsanovEulerMaruyama`).
 
     The encoder is called inside the ``pyro.plate`` contexts of the path sites, so with data
     subsampling (``pyro.plate(..., subsample_size=n)``) it can select the current minibatch
@@ -93,6 +95,7 @@ class GirsanovGuide(AutoGuide):
         hidden_dims=(64, 64),
         create_plates=None,
         checkpoint_every: int | None = None,
+        compile_step: bool = False,
     ):
         if estimator not in ESTIMATORS:
             raise ValueError(f"estimator must be one of {ESTIMATORS}, but got {estimator!r}")
@@ -117,6 +120,7 @@ class GirsanovGuide(AutoGuide):
         self.init_loc_fn = init_loc_fn
         self.hidden_dims = tuple(hidden_dims)
         self.checkpoint_every = checkpoint_every
+        self.compile_step = bool(compile_step)
 
     # ----------------------------------------------------------------------------- setup
 
@@ -311,6 +315,7 @@ class GirsanovGuide(AutoGuide):
             estimator=self.estimator,
             context_per_step=self._context_per_step.get(name),
             checkpoint_every=self.checkpoint_every,
+            compile_step=self.compile_step,
         )
         ndims = self._path_sites[name]
         return posterior.to_event(ndims) if ndims else posterior
