@@ -269,6 +269,8 @@ class PyroNSDE(_PyroImplementation):
 
     covariance = "prior"
 
+    compile_step = False
+
     def __init__(self, problem, particles, checkpoint_every=None):
         self.checkpoint_every = checkpoint_every
         super().__init__(problem, particles)
@@ -295,6 +297,7 @@ class PyroNSDE(_PyroImplementation):
             control=self.control,
             covariance=self.covariance,
             checkpoint_every=self.checkpoint_every,
+            compile_step=self.compile_step,
         )
 
     def model(self):
@@ -302,6 +305,13 @@ class PyroNSDE(_PyroImplementation):
         pyro.module("drift", self.drift)
         x = pyro.sample("x", EulerMaruyama(self.drift, p.sigma, p.x0, p.times))
         pyro.sample("y", dist.Normal(x[..., p.obs_steps, :], OBS_SCALE).to_event(2), obs=p.y)
+
+
+class PyroNSDECompiled(PyroNSDE):
+    """The same with ``GirsanovGuide(..., compile_step=True)``: the step under
+    ``torch.compile`` (compiled during the warm-up iterations)."""
+
+    compile_step = True
 
 
 class PyroNSDEDiagonal(PyroNSDE):
@@ -404,6 +414,7 @@ class TorchSDE(_TorchImplementation):
 IMPLEMENTATIONS = {
     "plain-loop": PlainLoop,
     "pyro-nsde": PyroNSDE,
+    "pyro-nsde-compiled": PyroNSDECompiled,
     "pyro-nsde-diagonal": PyroNSDEDiagonal,
     "pyro-nsde-full": PyroNSDEFull,
     "torchsde": TorchSDE,

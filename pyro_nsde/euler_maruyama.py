@@ -19,23 +19,32 @@ from .noise import (
     diffuse,
     diffusion_event_dim,
     noise_dim,
+    scale_log_det,
+    standard_log_density,
     step_kl,
     step_log_density,
 )
 
 
 class SimulatedSteps:
-    """Per-step quantities of one simulated path, stacked step-major (``(K, ..., ·)``).
+    r"""Per-step quantities of one simulated path, stacked step-major (``(K, ..., ·)``).
 
-    A path simulated under a noise-space law ``ΔW_k ~ N(h_k u_k, h_k S_k S_kᵀ)`` (``u = 0``,
-    ``S = I`` for the prior) has whitened increments ``z_k = W_k(x_{k+1} - x_k - h_k f_k)``
-    equal to ``ΔW_k`` (or ``Q_k ΔW_k`` when ``m > d``), so both the prior's and the posterior's
-    transition densities follow from the recorded ``ΔW``, ``u``, ``S`` and ``G`` without
-    evaluating the drift again. Results are cached.
+    A path simulated from standard normal ``ξ_k`` under a noise-space law
+    ``ΔW_k = h_k u_k + sqrt(h_k) S_k ξ_k`` (``u = 0``, ``S = I`` for the prior) has whitened
+    increments ``z_k = W_k(x_{k+1} - x_k - h_k f_k)`` equal to ``ΔW_k`` (``Q_k ΔW_k`` when
+    ``m > d``), so both transition densities follow from the recorded ``ξ``, ``u``, ``S`` and
+    ``G`` without evaluating the drift again. When ``G`` has full column rank, with the
+    standardized increments ``w_k = ΔW_k / sqrt(h_k) = sqrt(h_k) u_k + S_k ξ_k``,
+
+        ``log p(x_{k+1} | x_k) = -½ |w_k|² - ½ m log(2π h_k) - log vol(G_k)``,
+        ``log q(x_{k+1} | x_k) = -½ |ξ_k|² - log det S_k - ½ m log(2π h_k) - log vol(G_k)``:
+
+    the second is the change of variables ``ξ ↦ x``, the same function of every parameter as
+    the density evaluated at the path, without the terms that cancel. Results are cached.
     """
 
-    def __init__(self, dw, h, factor, shift=None, scale=None, covariance="prior"):
-        self.dw = dw
+    def __init__(self, xi, h, factor, shift=None, scale=None, covariance="prior"):
+        self.xi = xi
         self.h = h
         self.factor = factor
         self.shift = shift
@@ -43,39 +52,53 @@ class SimulatedSteps:
         self.covariance = covariance
         self._cache = {}
 
+    def _standardized(self):
+        """``w_k = sqrt(h_k) u_k + S_k ξ_k``."""
+        if self.shift is None:
+            return self.xi
+        noise = apply_scale(self.scale, self.xi, self.covariance)
+        return self.h.sqrt().unsqueeze(-1) * self.shift + noise
+
     def _whitened(self):
+        """``z`` and the whitened step law ``(shift, scale, covariance)``, for ``m > d``."""
         if "whitened" not in self._cache:
             factor = self.factor
-            if factor.rows is None:
-                z = self.dw
-                law = (self.shift, self.scale, self.covariance)
-            else:
-                z = (factor.rows @ self.dw.unsqueeze(-1)).squeeze(-1)
-                law = (None, None, "prior")
-                if self.shift is not None:
-                    law = factor.to_whitened(self.shift, self.scale, self.covariance)
+            dw = self.h.sqrt().unsqueeze(-1) * self._standardized()
+            z = (factor.rows @ dw.unsqueeze(-1)).squeeze(-1)
+            law = (None, None, "prior")
+            if self.shift is not None:
+                law = factor.to_whitened(self.shift, self.scale, self.covariance)
             self._cache["whitened"] = z, law
         return self._cache["whitened"]
 
     def prior_log_prob(self) -> torch.Tensor:
         """``Σ_k log p(x_{k+1} | x_k)``, shape ``sample + batch``."""
         if "prior" not in self._cache:
-            z, _ = self._whitened()
-            lp = step_log_density(z, self.h) - self.factor.log_volume
-            self._cache["prior"] = lp.sum(0)
+            if self.factor.rows is None:
+                lp = standard_log_density(self._standardized(), self.h)
+            else:
+                lp = step_log_density(self._whitened()[0], self.h)
+            self._cache["prior"] = (lp - self.factor.log_volume).sum(0)
         return self._cache["prior"]
 
     def posterior_log_prob(self) -> torch.Tensor:
         """``Σ_k log q(x_{k+1} | x_k)`` under the recorded control, shape ``sample + batch``."""
         if "posterior" not in self._cache:
-            z, (shift, scale, covariance) = self._whitened()
-            lq = step_log_density(z, self.h, shift, scale, covariance) - self.factor.log_volume
-            self._cache["posterior"] = lq.sum(0)
+            if self.factor.rows is None:
+                log_det = scale_log_det(self.scale, self.covariance)
+                lq = standard_log_density(self.xi, self.h) - log_det
+            else:
+                z, (shift, scale, covariance) = self._whitened()
+                lq = step_log_density(z, self.h, shift, scale, covariance)
+            self._cache["posterior"] = (lq - self.factor.log_volume).sum(0)
         return self._cache["posterior"]
 
     def kl(self) -> torch.Tensor:
         """``Σ_k KL(q(· | x_k) ‖ p(· | x_k))`` at the visited states (the Girsanov energy)."""
-        _, (shift, scale, covariance) = self._whitened()
+        if self.factor.rows is None:
+            shift, scale, covariance = self.shift, self.scale, self.covariance
+        else:
+            _, (shift, scale, covariance) = self._whitened()
         return step_kl(self.h, shift, scale, covariance).sum(0)
 
 
@@ -149,16 +172,15 @@ def simulate(law, x0, eps, control=None, checkpoint_every=None, compile_step=Fal
         gs = time_first(gs, eps.dim() + diffusion_event_dim(law.noise_type) - 1)
     factor = DiffusionFactor(law.noise_type, law.diffusion if gs is None else gs)
     _, h = law.grid.stacked(eps.dim())
+    h = h.squeeze(-1)
     if control is None:
-        return path, SimulatedSteps(h.sqrt() * eps, h.squeeze(-1), factor)
-    # Controls may return fewer batch dims than the state; align them step-major. The
-    # increments ΔW_k = h_k u_k + sqrt(h_k) S_k ξ_k of all steps in one call.
+        return path, SimulatedSteps(eps, h, factor)
+    # Controls may return fewer batch dims than the state; align them step-major.
     covariance = control.covariance
     shift = time_first(us, eps.dim())
     if scales is not None:
         scales = time_first(scales, eps.dim() + (covariance == "full"))
-    dws = h * shift + h.sqrt() * apply_scale(scales, eps, covariance)
-    return path, SimulatedSteps(dws, h.squeeze(-1), factor, shift, scales, covariance)
+    return path, SimulatedSteps(eps, h, factor, shift, scales, covariance)
 
 
 def euler_step(drift, diffusion, noise_type, shift, covariance, t, h, x, noise, inputs):

@@ -175,19 +175,30 @@ def step_log_density(
     :param scale: ``A``: ``None`` for identity, ``(..., r)`` for ``"diagonal"``, a
         lower-triangular ``(..., r, r)`` with positive diagonal for ``"full"``.
     """
-    r = z.shape[-1]
     h = h.unsqueeze(-1)
     diff = z if shift is None else z - h * shift
     diff = diff / h.sqrt()
-    log_det = 0.0
     if covariance == "diagonal":
         diff = diff / scale
-        log_det = scale.log().sum(-1)
     elif covariance == "full":
         diff = torch.linalg.solve_triangular(scale, diff.unsqueeze(-1), upper=False).squeeze(-1)
-        log_det = scale.diagonal(dim1=-2, dim2=-1).log().sum(-1)
-    h = h.squeeze(-1)
-    return -0.5 * diff.pow(2).sum(-1) - log_det - 0.5 * r * (math.log(2 * math.pi) + h.log())
+    return standard_log_density(diff, h.squeeze(-1)) - scale_log_det(scale, covariance)
+
+
+def standard_log_density(w: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """``log N(sqrt(h) w; 0, h I_r)`` for standardized increments ``w`` ``(..., r)``:
+    ``-½ |w|² - ½ r log(2π h)``."""
+    r = w.shape[-1]
+    return -0.5 * w.pow(2).sum(-1) - 0.5 * r * (math.log(2 * math.pi) + h.log())
+
+
+def scale_log_det(scale: torch.Tensor | None, covariance: str):
+    """``log det A`` of a step scale ``A`` (``0.`` for the identity)."""
+    if covariance == "diagonal":
+        return scale.log().sum(-1)
+    if covariance == "full":
+        return scale.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+    return 0.0
 
 
 def step_kl(
@@ -198,13 +209,12 @@ def step_kl(
 ) -> torch.Tensor:
     """``KL(N(h u, h A Aᵀ) ‖ N(0, h I)) = ½[tr(A Aᵀ) + h |u|² - r - log det(A Aᵀ)]``."""
     kl = 0.5 * h * shift.pow(2).sum(-1)
-    if covariance == "diagonal":
-        kl = kl + 0.5 * (scale.pow(2) - 1 - 2 * scale.log()).sum(-1)
-    elif covariance == "full":
-        diag = scale.diagonal(dim1=-2, dim2=-1)
-        r = scale.shape[-1]
-        kl = kl + 0.5 * (scale.pow(2).sum((-1, -2)) - r) - diag.log().sum(-1)
-    return kl
+    if covariance == "prior":
+        return kl
+    squares = scale.pow(2).sum(-1)
+    if covariance == "full":
+        squares = squares.sum(-1)
+    return kl + 0.5 * (squares - scale.shape[-1]) - scale_log_det(scale, covariance)
 
 
 def apply_scale(scale: torch.Tensor | None, xi: torch.Tensor, covariance: str) -> torch.Tensor:

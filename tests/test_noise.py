@@ -240,3 +240,28 @@ def test_girsanov_log_prob_with_affine_control_matches_hand_written_density(
         value, drift, diffusion, noise_type, prior.init, TIMES, control=(law, covariance)
     )
     assert torch.allclose(actual, expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("covariance", ["prior", "diagonal", "full"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_recorded_densities_have_the_gradients_of_the_hand_written_densities(
+    case, covariance, hand_log_prob
+):
+    """On a path sampled by the posterior, ``log q`` and ``log p`` read the simulator's record;
+    as functions of the control's parameters (noise fixed) they must have the gradients of the
+    densities written out by hand and evaluated on the same differentiable path."""
+    noise_type, m, drift, diffusion = make_case(case, "callable")
+    prior = EulerMaruyama(drift, diffusion, init_law(), TIMES, noise_type=noise_type)
+    net = randomized_control_net(m, covariance)
+    posterior = GirsanovEulerMaruyama(prior, net, estimator="plain")
+    path = posterior.rsample((3,))
+    params = list(net.parameters())
+    hand_q = hand_log_prob(
+        path, drift, diffusion, noise_type, prior.init, TIMES, control=(net, covariance)
+    )
+    hand_p = hand_log_prob(path, drift, diffusion, noise_type, prior.init, TIMES)
+    for recorded, hand in ((posterior.log_prob(path), hand_q), (prior.log_prob(path), hand_p)):
+        actual = torch.autograd.grad(recorded.sum(), params, retain_graph=True)
+        expected = torch.autograd.grad(hand.sum(), params, retain_graph=True)
+        for a, e in zip(actual, expected, strict=True):
+            assert torch.allclose(a, e, rtol=1e-8, atol=1e-10)

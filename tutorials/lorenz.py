@@ -66,7 +66,7 @@ SETTINGS = {
         "steps": 5000,
         "anneal": 1000,
         "draws": 32,
-        "max_step": 0.01,
+        "max_step": 0.0102,  # 2 Euler–Maruyama steps per observation gap of 2/99 ≈ 0.0202
         "data_dt": 1e-3,
     },
     True: {
