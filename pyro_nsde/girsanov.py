@@ -99,7 +99,9 @@ class GirsanovEulerMaruyama(TorchDistribution):
         self.prior = prior
         self.estimator = estimator
         self.checkpoint_every = checkpoint_every
-        self.compile_step = bool(compile_step)
+        if not isinstance(compile_step, bool):
+            raise TypeError(f"compile_step must be True or False, but got {compile_step!r}")
+        self.compile_step = compile_step
         d, num_steps = prior.state_dim, prior.num_steps
         init = prior.init if init is None else init
         if isinstance(init, Distribution):

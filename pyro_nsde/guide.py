@@ -120,7 +120,9 @@ class GirsanovGuide(AutoGuide):
         self.init_loc_fn = init_loc_fn
         self.hidden_dims = tuple(hidden_dims)
         self.checkpoint_every = checkpoint_every
-        self.compile_step = bool(compile_step)
+        if not isinstance(compile_step, bool):
+            raise TypeError(f"compile_step must be True or False, but got {compile_step!r}")
+        self.compile_step = compile_step
 
     # ----------------------------------------------------------------------------- setup
 

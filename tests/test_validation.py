@@ -341,6 +341,15 @@ def test_girsanov_with_a_bad_checkpoint_every_is_rejected(every):
         path_law().girsanov(ControlNet(1), checkpoint_every=every)
 
 
+@pytest.mark.parametrize("make", ["girsanov", "guide"])
+def test_a_non_boolean_compile_step_is_rejected(make):
+    with pytest.raises(TypeError, match=r"compile_step must be True or False, but got 'yes'"):
+        if make == "girsanov":
+            path_law().girsanov(ControlNet(1), compile_step="yes")
+        else:
+            GirsanovGuide(series_model, compile_step="yes")
+
+
 def test_girsanov_per_step_context_with_the_wrong_length_is_rejected():
     context = torch.zeros(5, 2)  # K + 1 = 6 steps expected
     with raises(ValueError, "per-step context", "(6, c)", "(5, 2)"):
