@@ -30,7 +30,18 @@ from torch import nn
 from ._grid import time_first
 
 COVARIANCES = ("prior", "diagonal", "full")
-_SOFTPLUS_ONE = math.log(math.e - 1)  # softplus(_SOFTPLUS_ONE) == 1
+MIN_SCALE = 1e-4
+"""The smallest scale a network head produces (``S`` entries, the guide's ``x_0`` scale from a
+context): ``MIN_SCALE + softplus(·)``. A softplus alone underflows to exactly ``0`` in float32
+for inputs below about ``-104``, and a zero scale is an infinite log-density; this happens
+in practice when KL annealing (a small ``β`` in front of ``log q``) lets the scales collapse
+early in training."""
+_SOFTPLUS_ONE = math.log(math.expm1(1 - MIN_SCALE))  # positive_scale(0) == 1
+
+
+def positive_scale(raw: torch.Tensor) -> torch.Tensor:
+    """``MIN_SCALE + softplus(raw + c)``, equal to ``1`` at ``raw = 0``."""
+    return MIN_SCALE + nn.functional.softplus(raw + _SOFTPLUS_ONE)
 
 
 def check_covariance(covariance: str) -> str:
@@ -41,7 +52,7 @@ def check_covariance(covariance: str) -> str:
 
 class _TrilFromRaw(nn.Module):
     """Lower-triangular ``(..., m, m)`` with positive diagonal from ``m(m+1)/2`` numbers
-    (diagonal through ``softplus``, starting at 1 for zero input)."""
+    (diagonal through :func:`positive_scale`, starting at 1 for zero input)."""
 
     def __init__(self, m: int):
         super().__init__()
@@ -51,7 +62,7 @@ class _TrilFromRaw(nn.Module):
         self.register_buffer("is_diagonal", rows == cols, persistent=False)
 
     def forward(self, raw: torch.Tensor) -> torch.Tensor:
-        values = torch.where(self.is_diagonal, nn.functional.softplus(raw + _SOFTPLUS_ONE), raw)
+        values = torch.where(self.is_diagonal, positive_scale(raw), raw)
         flat = raw.new_zeros(raw.shape[:-1] + (self.m * self.m,))
         return flat.index_copy(-1, self.flat_index, values).unflatten(-1, (self.m, self.m))
 
@@ -69,7 +80,8 @@ class ControlNet(nn.Module):
     :param tuple hidden_dims: widths of the hidden layers.
     :param str covariance: ``"prior"`` returns ``u`` ``(..., m)``; ``"diagonal"`` returns
         ``(u, S)`` with ``S`` ``(..., m)`` positive; ``"full"`` returns ``(u, S)`` with ``S``
-        ``(..., m, m)`` lower-triangular. ``S`` starts at ``I``.
+        ``(..., m, m)`` lower-triangular. ``S`` starts at ``I``; its diagonal entries are at
+        least :data:`MIN_SCALE`.
     :param activation: the nonlinearity class (default :class:`torch.nn.SiLU`).
     """
 
@@ -117,7 +129,7 @@ class ControlNet(nn.Module):
         if self.covariance == "prior":
             return u
         if self.covariance == "diagonal":
-            return u, nn.functional.softplus(out[..., m:] + _SOFTPLUS_ONE)
+            return u, positive_scale(out[..., m:])
         return u, self.tril(out[..., m:])
 
 

@@ -16,7 +16,7 @@ from pyro.ops.tensor_utils import periodic_repeat
 from pyro.poutine.runtime import NonlocalExit
 from torch import nn
 
-from .controls import AffineControl, ControlNet, check_covariance
+from .controls import MIN_SCALE, AffineControl, ControlNet, check_covariance
 from .euler_maruyama import EulerMaruyama
 from .girsanov import ESTIMATORS
 
@@ -242,7 +242,7 @@ class GirsanovGuide(AutoGuide):
             nn.init.zeros_(head.weight)
             with torch.no_grad():
                 head.bias[:d] = x0.reshape(-1, d).mean(0)
-                head.bias[d:] = _inverse_softplus(self.init_scale)
+                head.bias[d:] = _inverse_softplus(max(self.init_scale - MIN_SCALE, MIN_SCALE))
             self.x0_heads[_module_key(name)] = head
 
     def _check_prototype(self, part_trace):
@@ -301,7 +301,7 @@ class GirsanovGuide(AutoGuide):
         else:
             first = context[..., 0, :] if self._context_per_step[name] else context
             out = self.x0_heads[_module_key(name)](first)
-            loc, scale = out[..., :d], nn.functional.softplus(out[..., d:])
+            loc, scale = out[..., :d], MIN_SCALE + nn.functional.softplus(out[..., d:])
         return dist.Normal(loc, scale).to_event(1)
 
     def _posterior(self, name, prior, context, plates):

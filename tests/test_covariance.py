@@ -33,7 +33,8 @@ from test_guide import (
     train_and_measure,
 )
 
-from pyro_nsde import EulerMaruyama
+from pyro_nsde import ControlNet, EulerMaruyama
+from pyro_nsde.controls import MIN_SCALE
 
 
 @pytest.mark.parametrize("problem", [OU, OSCILLATOR], ids=["ou", "oscillator"])
@@ -207,3 +208,22 @@ def test_variational_em_bias_of_the_mean_shift_shrinks_with_the_step():
         assert abs(mean_shift / mean_shift_optimum - 1) < 0.05, (step, mean_shift)
         estimates.append(mean_shift)
     assert estimates[0] < estimates[1] < estimates[2]
+
+
+@pytest.mark.parametrize("covariance", ["diagonal", "full"])
+def test_a_collapsed_covariance_head_keeps_the_log_density_finite(covariance):
+    """A head pushed far negative (as KL annealing can do early in training) gives scales at
+    the floor ``MIN_SCALE``, not a float32 underflow to zero and an infinite ``log q``."""
+    net = ControlNet(2, hidden_dims=(4,), covariance=covariance)
+    with torch.no_grad():
+        net.head.bias[2:] = -1000.0
+    prior = EulerMaruyama(
+        lambda t, x: -x, torch.tensor([0.5, 0.5]), torch.zeros(2), torch.linspace(0, 1, 5)
+    )
+    posterior = prior.girsanov(net)
+    path = posterior.rsample((3,))
+    _, scale = net(torch.zeros(1), path[:, 0])
+    diagonal = scale if covariance == "diagonal" else scale.diagonal(dim1=-2, dim2=-1)
+    torch.testing.assert_close(diagonal, torch.full_like(diagonal, MIN_SCALE))
+    assert torch.isfinite(posterior.log_prob(path)).all()
+    assert torch.isfinite(posterior.log_prob(path.clone())).all()
