@@ -66,7 +66,9 @@ import pyro
 import pyro.distributions as dist
 import torch
 import torchsde
+from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO
+from pyro.infer.util import zero_grads
 from torch import nn
 
 import pyro_nsde
@@ -209,6 +211,17 @@ class _TorchImplementation(Implementation):
     def estimate(self, particles: int) -> float:
         return self.loss(particles).item()
 
+    def phases(self) -> tuple:
+        """One iteration as ``(forward, backward, optimizer)`` wall times in seconds."""
+        start = time.perf_counter()
+        loss = self.loss(self.particles)
+        forward = time.perf_counter()
+        self.optim.zero_grad()
+        loss.backward()
+        backward = time.perf_counter()
+        self.optim.step()
+        return forward - start, backward - forward, time.perf_counter() - backward
+
 
 class PlainLoop(_TorchImplementation):
     """The floor: a hand-written Euler–Maruyama loop and ``torch.optim.Adam``."""
@@ -262,6 +275,20 @@ class _PyroImplementation(Implementation):
 
     def estimate(self, particles: int) -> float:
         return self.elbo(particles).loss(self.model, self.svi.guide)
+
+    def phases(self) -> tuple:
+        """One iteration as ``(forward, backward, optimizer)`` wall times in seconds: what
+        ``SVI.step`` does, timed in its three parts (the forward includes Pyro's tracing)."""
+        start = time.perf_counter()
+        with poutine.trace(param_only=True) as capture:
+            loss = self.elbo(self.particles).differentiable_loss(self.model, self.svi.guide)
+        forward = time.perf_counter()
+        loss.backward()
+        backward = time.perf_counter()
+        params = {site["value"].unconstrained() for site in capture.trace.nodes.values()}
+        self.svi.optim(params)
+        zero_grads(params)
+        return forward - start, backward - forward, time.perf_counter() - backward
 
 
 class PyroNSDE(_PyroImplementation):
@@ -578,6 +605,26 @@ def profile_step(impl: Implementation, warmup: int, steps: int, top: int) -> Non
         pstats.Stats(profiler, stream=sys.stdout).sort_stats(key).print_stats(top)
 
 
+def breakdown(impls: dict, warmup: int, steps: int) -> list:
+    """Lines of a table: median milliseconds of each phase of an iteration, per
+    implementation (after ``warmup`` iterations, over ``steps``)."""
+    lines = [
+        "| implementation | forward ms | backward ms | optimizer ms | total ms |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, impl in impls.items():
+        with impl.active():
+            for _ in range(warmup):
+                impl.step()
+            medians = [
+                1000 * statistics.median(p)
+                for p in zip(*(impl.phases() for _ in range(steps)), strict=True)
+            ]
+        cells = " | ".join(f"{value:.1f}" for value in medians)
+        lines.append(f"| {name} | {cells} | {sum(medians):.1f} |")
+    return lines
+
+
 def format_table(rows: list) -> str:
     header = (
         "| K | B | d | implementation | median ms/iter | IQR ms | × plain loop | peak MB |\n"
@@ -631,6 +678,11 @@ def parse_args(argv=None):
     parser.add_argument("--sanity-particles", type=int, help="per estimate (default 1024)")
     parser.add_argument("--sanity-repeats", type=int, help="estimates; 0 skips (default 8)")
     parser.add_argument("--profile", help="cProfile this implementation on the first config")
+    parser.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="time forward, backward and optimizer of each implementation on the first config",
+    )
     parser.add_argument("--quick", action="store_true", help=f"smoke run: defaults become {QUICK}")
     args = parser.parse_args(argv)
     for key, value in (QUICK if args.quick else DEFAULTS).items():
@@ -679,6 +731,9 @@ def main(argv=None):
             print("\n".join(sanity_check(impls, args.sanity_particles, args.sanity_repeats)))
         if index == 0 and args.profile:
             profile_step(impls[args.profile], args.warmup, args.steps, top=25)
+        if index == 0 and args.breakdown:
+            print(f"where the time of one iteration goes at config {config} (medians):")
+            print("\n".join(breakdown(impls, args.warmup, args.steps * args.repeats)))
         samples = time_interleaved(impls, args.device, args.warmup, args.steps, args.repeats)
         floor = statistics.median(samples[FLOOR])
         for name in args.impls:
