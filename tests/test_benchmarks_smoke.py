@@ -14,6 +14,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 IMPLEMENTATIONS = [
     "plain-loop",
     "pyro-nsde",
+    "pyro-nsde-compiled",
     "pyro-nsde-diagonal",
     "pyro-nsde-full",
     "torchsde",
@@ -41,7 +42,7 @@ def table_rows(output, prefix):
 
 
 def test_bench_quick_times_every_implementation_on_one_objective():
-    output = run_script("bench.py", "--quick")
+    output = run_script("bench.py", "--quick", "--breakdown")
     assert "| K | B | d | implementation | median ms/iter | IQR ms | × plain loop | peak MB |" in (
         output
     )
@@ -52,6 +53,11 @@ def test_bench_quick_times_every_implementation_on_one_objective():
         assert float(memory) >= 0, name
     assert rows[0][6] == "1.00"
     assert "sanity: all objectives agree with plain-loop" in output
+    phases = table_rows(output, "| plain-loop |") + table_rows(output, "| pyro-nsde |")
+    assert len(phases) == 2  # the --breakdown table has a row per implementation
+    for _, forward, backward, optimizer, total in phases:
+        assert min(float(forward), float(backward), float(optimizer)) >= 0
+        assert abs(float(forward) + float(backward) + float(optimizer) - float(total)) < 0.2
 
 
 def test_memory_script_reports_default_and_checkpointed_rows():
@@ -66,3 +72,14 @@ def test_memory_script_reports_default_and_checkpointed_rows():
     ]
     for row in rows:
         assert float(row[5]) >= 0 and float(row[6]) > 0
+
+
+def test_lorenz_benchmark_quick_reports_both_implementations(tmp_path):
+    output = run_script("lorenz_latent_sde.py", "--quick", "--out", str(tmp_path))
+    rows = table_rows(output, "| pyro-nsde (") + table_rows(output, "| torchsde (")
+    assert len(rows) == 2
+    for row in rows:
+        steps, seconds, rmse, coverage = int(row[1]), float(row[2]), float(row[6]), float(row[7])
+        assert steps > 0 and seconds > 0 and rmse > 0 and 0 <= coverage <= 1
+    assert table_rows(output, "| last observation carried forward |")
+    assert (tmp_path / "lorenz_latent_sde.json").exists()
