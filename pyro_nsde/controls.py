@@ -36,7 +36,14 @@ context): ``MIN_SCALE + softplus(·)``. A softplus alone underflows to exactly `
 for inputs below about ``-104``, and a zero scale is an infinite log-density; this happens
 in practice when KL annealing (a small ``β`` in front of ``log q``) lets the scales collapse
 early in training."""
-_SOFTPLUS_ONE = math.log(math.expm1(1 - MIN_SCALE))  # positive_scale(0) == 1
+
+
+def inverse_softplus(y: float) -> float:
+    """The ``x`` with ``softplus(x) = y > 0``."""
+    return y + math.log(-math.expm1(-y))
+
+
+_SOFTPLUS_ONE = inverse_softplus(1 - MIN_SCALE)  # positive_scale(0) == 1
 
 
 def positive_scale(raw: torch.Tensor) -> torch.Tensor:

@@ -183,26 +183,25 @@ def simulate(law, x0, eps, control=None, checkpoint_every=None, compile_step=Fal
     return path, SimulatedSteps(eps, h, factor, shift, scales, covariance)
 
 
-def euler_step(drift, diffusion, noise_type, shift, covariance, t, h, x, noise, inputs):
+def euler_step(drift, diffusion, noise_type, shift, covariance, diffused, t, h, x, noise, inputs):
     """One Euler–Maruyama step ``x' = x + h (f + G u) + G S sqrt(h) ξ``, i.e.
     ``x' = x + h f + G ΔW`` with ``ΔW = h u + sqrt(h) S ξ``.
 
     ``f = f(t, x)``, ``G = G(t, x)``; ``(u, S) = shift(t, h, x, (f, G), *inputs)``, or
     ``u = 0``, ``S = I`` when ``shift`` is ``None`` (the prior).
 
-    :param noise: ``sqrt(h) ξ`` ``(..., m)``; for a constant diffusion with ``S = I``
-        (``covariance="prior"``) the state-space noise ``G sqrt(h) ξ`` ``(..., d)``, which
-        the caller computes for all steps at once.
+    :param bool diffused: whether ``noise`` is already the state-space noise
+        ``G sqrt(h) ξ`` ``(..., d)`` (possible for a constant diffusion with ``S = I``, and
+        computed by the caller for all steps at once), rather than ``sqrt(h) ξ`` ``(..., m)``.
     :returns: ``(x', G, u, S)``.
     """
     f = drift(t, x)
-    constant = not callable(diffusion)
-    g = diffusion if constant else diffusion(t, x)
+    g = diffusion(t, x) if callable(diffusion) else diffusion
     u = scale = None
     if shift is not None:
         u, scale = shift(t, h, x, (f, g), *inputs)
         f = add_diffused(noise_type, f, g, u)
-    if constant and covariance == "prior":
+    if diffused:
         x = x + noise
     else:
         x = add_diffused(noise_type, x, g, apply_scale(scale, noise, covariance))
@@ -218,14 +217,15 @@ def _run_steps(law, control, eps, k0, k1, x, compile_step=False):
     covariance = "prior" if control is None else control.covariance
     _, h = grid.stacked(eps.dim())
     noise = h[k0:k1].sqrt() * eps[k0:k1]  # sqrt(h_k) ξ_k, all steps in one call
-    if not callable(diffusion) and covariance == "prior":
+    diffused = not callable(diffusion) and covariance == "prior"
+    if diffused:
         noise = diffuse(noise_type, diffusion, noise)
     xs, gs, us, scales = [], [], [], []
     for k, noise_k in zip(range(k0, k1), noise.unbind(0), strict=True):
         t, h_k, _ = grid.step(k)
         inputs = () if control is None else control.step_inputs(k)
         x, g, u, scale = step(
-            drift, diffusion, noise_type, shift, covariance, t, h_k, x, noise_k, inputs
+            drift, diffusion, noise_type, shift, covariance, diffused, t, h_k, x, noise_k, inputs
         )
         xs.append(x)
         gs.append(g)

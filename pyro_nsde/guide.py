@@ -16,7 +16,7 @@ from pyro.ops.tensor_utils import periodic_repeat
 from pyro.poutine.runtime import NonlocalExit
 from torch import nn
 
-from .controls import MIN_SCALE, AffineControl, ControlNet, check_covariance
+from .controls import MIN_SCALE, AffineControl, ControlNet, check_covariance, inverse_softplus
 from .euler_maruyama import EulerMaruyama
 from .girsanov import ESTIMATORS
 
@@ -242,7 +242,7 @@ class GirsanovGuide(AutoGuide):
             nn.init.zeros_(head.weight)
             with torch.no_grad():
                 head.bias[:d] = x0.reshape(-1, d).mean(0)
-                head.bias[d:] = _inverse_softplus(max(self.init_scale - MIN_SCALE, MIN_SCALE))
+                head.bias[d:] = inverse_softplus(max(self.init_scale - MIN_SCALE, MIN_SCALE))
             self.x0_heads[_module_key(name)] = head
 
     def _check_prototype(self, part_trace):
@@ -386,7 +386,3 @@ def _broadcasts(shape, batch_shape) -> bool:
 
 def _module_key(name: str) -> str:
     return name.replace(".", "__")
-
-
-def _inverse_softplus(y: float) -> float:
-    return float(torch.tensor(y).expm1().log())

@@ -39,12 +39,8 @@ import math
 import torch
 from torch import nn
 
-from .controls import ControlNet
+from .controls import ControlNet, inverse_softplus
 from .noise import DiffusionFactor, check_noise_type
-
-
-def _inverse_softplus(y: float) -> float:
-    return y + math.log(-math.expm1(-y))
 
 
 def _as_time(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -234,7 +230,7 @@ class DiffusionNet(nn.Module):
         features = _time_features(time_frequencies, linear_time)
         d = state_dim
         if noise_type == "diagonal":
-            start = torch.full((d,), _inverse_softplus(self.init_scale - self.floor))
+            start = torch.full((d,), inverse_softplus(self.init_scale - self.floor))
         else:
             start = math.sqrt(self.init_scale**2 - self.floor**2) * torch.eye(d).reshape(-1)
         self.net = self.head = None

@@ -86,7 +86,7 @@ def add_diffused(noise_type: str, base: torch.Tensor, g: torch.Tensor, dw: torch
         return torch.addcmul(base, g, dw)
     if noise_type == "scalar":
         return torch.addcmul(base, g[..., 0], dw)
-    return base + (g @ dw.unsqueeze(-1)).squeeze(-1)
+    return base + diffuse(noise_type, g, dw)
 
 
 class DiffusionFactor:
