@@ -5,7 +5,8 @@ shows the ELBO) and write into an output folder:
 
 - ``posterior.nc``: the fit as ArviZ NetCDF (:func:`~pyro_nsde.diagnostics.to_inference_data`:
   posterior, posterior predictive, observed data, pointwise log-likelihood);
-- ``summary.csv``: ``az.summary`` of the parameters (rates and noise scales);
+- ``summary.csv``: posterior mean, sd and 90% HDI of the parameters (rates and noise scales),
+  the same columns with ArviZ 0.x and 1.x;
 - ``paths.png``: posterior bands of the latent paths with the data;
 - ``forecast.png``: the same with a forecast fan past the data;
 - ``elbo.png``: the ELBO history.
@@ -32,6 +33,7 @@ import torch
 from pyro.infer import SVI, Trace_ELBO
 from tqdm.auto import tqdm
 
+from . import _arviz
 from .datasets import TimeSeries, lynx_hare, read_csv
 from .guide import GirsanovGuide
 from .models import LotkaVolterra, NeuralSDE, OrnsteinUhlenbeck
@@ -127,7 +129,8 @@ def _in_data_units(array, state_loc, state_scale, names, log: bool):
 def _write_outputs(out: Path, idata, losses, paths, future, observations, parameters, title):
     """Write the NetCDF file, the summary and the figures.
 
-    :param idata: the fit, from :func:`~pyro_nsde.diagnostics.to_inference_data`.
+    :param idata: the fit, from :func:`~pyro_nsde.diagnostics.to_inference_data`
+        (``InferenceData`` or ``DataTree``).
     :param losses: the SVI losses.
     :param paths: the posterior path variable in data units (plotted).
     :param future: the forecast of the path in data units.
@@ -136,18 +139,17 @@ def _write_outputs(out: Path, idata, losses, paths, future, observations, parame
     :param str title: the title of the path figures.
     :returns: ``({what: file}, summary table)``.
     """
-    import arviz as az
     import matplotlib.pyplot as plt
 
     from .plots import plot_elbo, plot_forecast, plot_path_bands
 
     out.mkdir(parents=True, exist_ok=True)
     files = {"posterior": out / "posterior.nc", "summary": out / "summary.csv"}
-    idata.to_netcdf(str(files["posterior"]))
-    summary = az.summary(idata, var_names=parameters, kind="stats", hdi_prob=0.9)
-    summary.to_csv(files["summary"])
+    _arviz.to_netcdf(idata, files["posterior"])
+    summary = _arviz.summary(idata, var_names=parameters, hdi_prob=0.9)
+    summary.to_csv(files["summary"], float_format="%.6g")
 
-    view = az.InferenceData(posterior=paths.to_dataset())
+    view = _arviz.from_datasets({"posterior": paths.to_dataset()})
     figures = {
         "paths": plot_path_bands(view, observations=observations),
         "forecast": plot_forecast(view, future, observations=observations),
@@ -167,9 +169,9 @@ def _write_outputs(out: Path, idata, losses, paths, future, observations, parame
 
 def _coverage(idata) -> dict:
     """``{level: coverage}`` of the observed values by their posterior predictive draws."""
-    draws = idata.posterior_predictive["y"].values
+    draws = _arviz.group(idata, "posterior_predictive")["y"].values
     draws = draws.reshape((-1, *draws.shape[2:]))
-    observed = idata.observed_data["y"].values
+    observed = _arviz.group(idata, "observed_data")["y"].values
     return {level: interval_coverage(draws, observed, level) for level in COVERAGE_LEVELS}
 
 
@@ -234,7 +236,9 @@ def run_demo(args) -> dict:
     future = _forecast_times(float(years[-1]), horizon, 1.0 / args.steps_per_year)
     losses, idata, path = _fit_and_forecast(model, data.values, coords, future, args)
     # Years since the first observation → calendar years.
-    idata.posterior = idata.posterior.assign_coords(time=idata.posterior.time + first_year)
+    time = _arviz.group(idata, "posterior").time + first_year
+    idata = _arviz.update_group(idata, "posterior", coords={"time": time})
+    posterior = _arviz.group(idata, "posterior")
     path = path.assign_coords(time=path.time + first_year)
     names = [f"{name} (thousands)" for name in data.columns]
     units = {"state_loc": np.zeros(2), "state_scale": np.ones(2), "names": names, "log": True}
@@ -242,7 +246,7 @@ def run_demo(args) -> dict:
         Path(args.out),
         idata,
         losses,
-        _in_data_units(idata.posterior["x"], **units),
+        _in_data_units(posterior["x"], **units),
         _in_data_units(path, **units),
         (data.times.numpy(), data.values.numpy()),
         [*LotkaVolterra.rate_names, "sigma_process", "sigma_obs"],
@@ -287,9 +291,9 @@ def run_fit(args) -> dict:
     future = _forecast_times(float(scaled.times[-1]), horizon / unit, 1.0 / args.steps_per_unit)
     losses, idata, path = _fit_and_forecast(model, scaled.values, coords, future, args)
     # Model time (median gaps since the first row) → the time column's units.
-    idata.posterior = idata.posterior.assign_coords(
-        time=t0 + unit * idata.posterior.time.astype(np.float64)
-    )
+    time = t0 + unit * _arviz.group(idata, "posterior").time.astype(np.float64)
+    idata = _arviz.update_group(idata, "posterior", coords={"time": time})
+    posterior = _arviz.group(idata, "posterior")
     path = path.assign_coords(time=t0 + unit * path.time.astype(np.float64))
     extra = model.state_dim - num
     units = {
@@ -305,10 +309,10 @@ def run_fit(args) -> dict:
         Path(args.out),
         idata,
         losses,
-        _in_data_units(idata.posterior["x"], **units),
+        _in_data_units(posterior["x"], **units),
         _in_data_units(path, **units),
         (series.times.numpy(), observations),
-        [name for name in idata.posterior.data_vars if name != "x"],
+        [name for name in posterior.data_vars if name != "x"],
         f"latent {MODEL_NAMES[args.model]} SDE",
     )
     print(

@@ -5,6 +5,12 @@ r"""Posterior diagnostics in ArviZ, and the importance-sampling check of a varia
 dims ``(chain, draw, *plate_dims, "time", "state")`` and the ``time`` coordinate taken from the
 site's Euler–Maruyama grid.
 
+ArviZ 0.x returns an :class:`arviz.InferenceData`, ArviZ ≥ 1 an :class:`xarray.DataTree`, with
+other function names and results. :func:`summary`, :func:`loo` (a :class:`LOO` record),
+:func:`plot_ppc`, :func:`plot_trace`, :func:`to_netcdf` and :func:`from_netcdf` give the same
+results on both lines (same summary columns, one NetCDF-4 file format) by calling whichever
+ArviZ is installed.
+
 :func:`variational_diagnostics` measures how well a guide ``q`` matches the posterior
 ``p(z | y)`` through the importance weights of its draws,
 
@@ -24,7 +30,6 @@ and whose upper tail gives the Pareto shape ``k̂`` of Yao et al. (2018) (see
 
 import dataclasses
 import math
-from importlib.metadata import PackageNotFoundError, version
 
 import numpy as np
 import pyro
@@ -37,10 +42,10 @@ from pyro.infer.util import plate_log_prob_sum
 from pyro.ops.stats import fit_generalized_pareto
 from pyro.poutine.util import prune_subsample_sites
 
+from . import _arviz
+from ._arviz import LOO, from_netcdf, loo, plot_ppc, plot_trace, summary, to_netcdf
 from .guide import unwrap_path_distribution
 
-CONTAINERS = ("InferenceData", "DataTree")
-SAMPLE_DIMS = ("chain", "draw")
 _DRAW_PLATE = "_pyro_nsde_draws"
 
 
@@ -452,63 +457,13 @@ def _flat_coords(name: str, dims: list, mask: torch.Tensor, coords: dict) -> dic
 # --------------------------------------------------------------------------- containers
 
 
-def _default_container() -> str:
-    """``"DataTree"`` with ArviZ ≥ 1 (or ArviZ absent), ``"InferenceData"`` with ArviZ 0.x."""
-    try:
-        major = int(version("arviz").split(".")[0])
-    except PackageNotFoundError:
-        return "DataTree"
-    return "DataTree" if major >= 1 else "InferenceData"
-
-
-def _group_dataset(data, group: str):
-    """The :class:`xarray.Dataset` of ``group`` in an ``InferenceData`` or a ``DataTree``."""
-    import xarray as xr
-
-    if isinstance(data, xr.DataTree):
-        if group not in data.children:
-            raise ValueError(f"the DataTree has no {group!r} group; it has {list(data.children)}")
-        return data[group].to_dataset()
-    groups = getattr(data, "groups", None)
-    if groups is None:
-        raise TypeError(
-            f"expected an arviz.InferenceData or an xarray.DataTree, but got {type(data).__name__}"
-        )
-    if group not in groups():
-        raise ValueError(f"the InferenceData has no {group!r} group; it has {groups()}")
-    return getattr(data, group)
-
-
-def _check_container(container):
-    container = _default_container() if container is None else container
-    if container not in CONTAINERS:
-        raise ValueError(f"container must be one of {CONTAINERS} or None, but got {container!r}")
-    return container
-
-
 def _assemble(groups, coords, dims, extra_coords, attrs, container):
     """Build the ArviZ object, then attach the coordinates ``from_dict`` cannot express."""
-    if container == "InferenceData":
-        import arviz
-
-        data = arviz.from_dict(**groups, coords=coords, dims=dims)
-        for group, extra in extra_coords.items():
-            setattr(data, group, getattr(data, group).assign_coords(extra))
-        for group in groups:
-            getattr(data, group).attrs.update(attrs.get(group, {}))
-        return data
-    try:
-        import arviz_base
-    except ImportError as error:
-        raise ImportError(
-            "container='DataTree' needs arviz-base (installed with ArviZ >= 1, or "
-            "`pip install arviz-base` next to ArviZ 0.x)"
-        ) from error
-    data = arviz_base.from_dict(groups, coords=coords, dims=dims, sample_dims=list(SAMPLE_DIMS))
-    for group, extra in extra_coords.items():
-        data[group] = data[group].to_dataset().assign_coords(extra)
+    data = _arviz.build(groups, coords=coords, dims=dims, container=container)
     for group in groups:
-        data[group].attrs.update(attrs.get(group, {}))
+        data = _arviz.update_group(
+            data, group, coords=extra_coords.get(group), attrs=attrs.get(group)
+        )
     return data
 
 
@@ -588,7 +543,7 @@ def to_inference_data(
         raise ValueError("give exactly one of guide= and mcmc= (or neither, with prior=True)")
     _check_count("num_samples", num_samples)
     _check_count("num_chains", num_chains)
-    container = _check_container(container)
+    container = _arviz.check_container(container)
     kwargs = {} if model_kwargs is None else dict(model_kwargs)
 
     runs = []
@@ -639,8 +594,15 @@ def to_inference_data(
 
 
 __all__ = [
+    "LOO",
     "VariationalDiagnostics",
+    "from_netcdf",
+    "loo",
     "pareto_khat",
+    "plot_ppc",
+    "plot_trace",
+    "summary",
     "to_inference_data",
+    "to_netcdf",
     "variational_diagnostics",
 ]

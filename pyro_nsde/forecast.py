@@ -20,12 +20,12 @@ import numpy as np
 import torch
 from pyro import poutine
 
+from . import _arviz
+from ._arviz import SAMPLE_DIMS
 from .diagnostics import (
-    SAMPLE_DIMS,
     _default_layout,
     _describe,
     _grid_coordinate,
-    _group_dataset,
     _per_draw,
     _plate_nesting,
     _vectorized_trace,
@@ -49,7 +49,7 @@ def _posterior_samples(posterior):
                 f"num_draws, but got shapes { {k: tuple(v.shape) for k, v in samples.items()} }"
             )
         return samples, 1, None
-    dataset = _group_dataset(posterior, "posterior")
+    dataset = _arviz.group(posterior, "posterior")
     samples = {}
     for name, array in dataset.data_vars.items():
         if tuple(array.dims[:2]) != SAMPLE_DIMS:

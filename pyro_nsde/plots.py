@@ -8,7 +8,8 @@ highest-density intervals (HDI) of each time point's marginal.
 
 import numpy as np
 
-from .diagnostics import SAMPLE_DIMS, _group_dataset
+from . import _arviz
+from ._arviz import SAMPLE_DIMS
 
 
 def hdi(draws: np.ndarray, prob: float) -> tuple[np.ndarray, np.ndarray]:
@@ -127,7 +128,7 @@ def _bands(data, var_name, observations, hdi_probs, series, axes, color):
     """Draw the posterior bands; returns ``(fig, axes, (draws, times), chosen series)``."""
     import matplotlib.pyplot as plt
 
-    array = _path_variable(_group_dataset(data, "posterior"), var_name)
+    array = _path_variable(_arviz.group(data, "posterior"), var_name)
     draws, times, labels, states = _series_layout(array)
     chosen = list(range(draws.shape[1])) if series is None else list(series)
     d = draws.shape[-1]

@@ -11,11 +11,15 @@ discretized by Euler–Maruyama on ``K`` steps. The data are simulated from the 
 
 1. fits a :class:`~pyro_nsde.GirsanovGuide` (affine control, full increment covariance) by SVI,
 2. checks the fit by importance sampling (Pareto ``k̂``, see ``docs/diagnostics.md``),
-3. converts it with :func:`~pyro_nsde.to_inference_data` and prints ``az.summary`` and
-   ``az.loo``,
-4. saves a posterior predictive check (``az.plot_ppc``), the posterior path bands with the
-   data, a forecast to ``t = 6`` and the ELBO history as PNG files, and the posterior as
-   NetCDF.
+3. converts it with :func:`~pyro_nsde.to_inference_data` and prints its summary and PSIS-LOO,
+4. saves a posterior predictive check, the posterior path bands with the data, a forecast to
+   ``t = 6`` and the ELBO history as PNG files, and the posterior as NetCDF.
+
+It runs on both ArviZ lines: ArviZ 0.x (an ``InferenceData``; ``az.summary``, ``az.loo``,
+``az.plot_ppc``) and ArviZ 1.x (an ``xarray.DataTree``; ``arviz_stats.summary``,
+``arviz_stats.loo``, ``arviz_plots.plot_ppc_dist``), through :func:`~pyro_nsde.diagnostics.summary`,
+:func:`~pyro_nsde.diagnostics.loo`, :func:`~pyro_nsde.diagnostics.plot_ppc` and
+:func:`~pyro_nsde.diagnostics.to_netcdf`, which call whichever is installed.
 
 Run::
 
@@ -27,7 +31,6 @@ import argparse
 import os
 import pathlib
 
-import arviz as az
 import matplotlib.pyplot as plt
 import pyro
 import pyro.distributions as dist
@@ -35,7 +38,14 @@ import torch
 from pyro.infer import SVI, Trace_ELBO
 
 from pyro_nsde import EulerMaruyama, GirsanovGuide
-from pyro_nsde.diagnostics import to_inference_data, variational_diagnostics
+from pyro_nsde.diagnostics import (
+    loo,
+    plot_ppc,
+    summary,
+    to_inference_data,
+    to_netcdf,
+    variational_diagnostics,
+)
 from pyro_nsde.forecast import forecast
 from pyro_nsde.plots import plot_elbo, plot_forecast, plot_path_bands
 
@@ -100,16 +110,12 @@ def main(out: pathlib.Path):
         coords={"obs_time": obs_times},
         dims={"y": ["series", "obs_time"]},
     )
-    print(az.summary(idata, var_names=["theta", "mu"], kind="stats"))
+    print(summary(idata, var_names=["theta", "mu"]).round(3))
     print(f"(true values: {TRUE})")
-    print(az.loo(idata, var_name="y"))
+    print(loo(idata, var_name="y"))
 
     # 4. Figures and NetCDF.
-    if hasattr(az, "plot_ppc"):  # ArviZ 0.x
-        az.plot_ppc(idata, num_pp_samples=100)
-    else:  # ArviZ >= 1 (arviz-plots)
-        az.plot_ppc_dist(idata)
-    plt.gcf().savefig(out / "ppc.png", dpi=90)
+    plot_ppc(idata, num_samples=100).savefig(out / "ppc.png", dpi=90)
 
     observed = torch.full(true_paths.shape[:-2] + (len(obs_steps), 1), float("nan"))
     observed[..., 0] = y
@@ -130,7 +136,7 @@ def main(out: pathlib.Path):
     fig, _ = plot_elbo(losses, reference=check.log_evidence, reference_label="IS log p(y)")
     fig.savefig(out / "elbo.png", dpi=90)
 
-    idata.to_netcdf(str(out / "posterior.nc"))
+    to_netcdf(idata, out / "posterior.nc")
     print(f"wrote {sorted(p.name for p in out.iterdir())} to {out}")
 
 
