@@ -19,6 +19,7 @@ import torch
 from pyro.infer import SVI, Trace_ELBO
 
 from pyro_nsde import EulerMaruyama, GirsanovGuide
+from pyro_nsde._arviz import group
 from pyro_nsde.diagnostics import to_inference_data
 from pyro_nsde.forecast import forecast
 from pyro_nsde.plots import hdi, plot_elbo, plot_forecast, plot_path_bands
@@ -137,11 +138,10 @@ def test_elbo_plot_shows_each_run_and_hides_the_transient(fit, tmp_path):
 
 
 def test_path_plots_accept_a_datatree(fit):
-    pytest.importorskip("arviz_base")
     _, idata, _ = fit
     import xarray as xr
 
-    tree = xr.DataTree.from_dict({"posterior": idata.posterior})
+    tree = xr.DataTree.from_dict({"posterior": group(idata, "posterior")})
     fig, axes = plot_path_bands(tree, "x", series=[1])
     assert axes.shape == (2, 1)
     assert axes[0, 0].get_title() == "series=1"
