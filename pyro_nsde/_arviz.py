@@ -55,10 +55,8 @@ def check_container(container: str | None) -> str:
     if container not in CONTAINERS:
         raise ValueError(f"container must be one of {CONTAINERS} or None, but got {container!r}")
     if container == "InferenceData" and arviz_major() != 0:
-        installed = (
-            "ArviZ is not installed" if arviz_major() is None else f"ArviZ {version('arviz')}"
-        )
-        raise ValueError(f"container='InferenceData' needs ArviZ 0.x, but {installed}")
+        installed = "none" if arviz_major() is None else version("arviz")
+        raise ValueError(f"container='InferenceData' needs ArviZ 0.x, but {installed} is installed")
     return container
 
 
@@ -128,8 +126,8 @@ def group(data, name: str):
 
 
 def update_group(data, name: str, *, coords: dict | None = None, attrs: dict | None = None):
-    """``data`` with coordinates assigned to the group ``name`` (as
-    :meth:`xarray.Dataset.assign_coords`) and ``attrs`` added to its attributes."""
+    """Assign ``coords`` to the group ``name`` (as :meth:`xarray.Dataset.assign_coords`) and add
+    ``attrs`` to its attributes, in place; returns ``data``."""
     dataset = group(data, name)
     if coords:
         dataset = dataset.assign_coords(coords)

@@ -370,6 +370,26 @@ def test_arviz_summary_and_plots_run_on_an_mcmc_result(nuts_run):
     plt.close("all")
 
 
+def test_the_installed_arviz_runs_on_the_result_directly(nuts_run):
+    """ArviZ's own functions, as a user calls them: ArviZ 1.x names the LOO estimate ``elpd``
+    (0.x: ``elpd_loo``) and the density-overlay predictive check ``plot_ppc_dist``."""
+    matplotlib.use("Agg")
+    import arviz as az
+    import matplotlib.pyplot as plt
+
+    _, idata = nuts_run
+    assert "theta" in az.summary(idata, var_names=["theta"]).index
+    result = az.loo(idata)
+    elpd = result.elpd_loo if hasattr(result, "elpd_loo") else result.elpd
+    assert np.isfinite(elpd)
+    az.plot_trace(idata, var_names=["theta"])
+    if hasattr(az, "plot_ppc"):
+        az.plot_ppc(idata, num_pp_samples=10)
+    else:
+        az.plot_ppc_dist(idata, num_samples=10)
+    plt.close("all")
+
+
 # ----------------------------------------------------------------------------- Pareto k-hat
 
 
