@@ -340,55 +340,58 @@ class EulerMaruyama(TorchDistribution):
         super().__init__(batch_shape, event_shape, validate_args=validate_args)
 
     def _probe(self, init_batch, state_dim, validate):
-        """Evaluate drift and diffusion once at ``t_0`` to learn shapes (and check them)."""
+        """Evaluate drift and diffusion once at ``t_0`` to learn shapes (and check them).
+
+        The probe state ``x`` is ``broadcast(init batch, times batch) + (d,)``. Every error
+        names the arguments involved and their shapes.
+        """
         times = self.grid.times
-        batch = torch.broadcast_shapes(init_batch, self.grid.batch_shape)
+        origin = _state_origin(self.init, state_dim)
+        batches = [
+            ("init", init_batch, _init_shape(self.init)),
+            ("times", self.grid.batch_shape, f"times shape {tuple(times.shape)}"),
+        ]
+        batch = _broadcast_batches(batches)
         x = times.new_zeros(batch + (state_dim,))
         t = self.grid.step(0)[0]
-        try:
-            f = self.drift(t, x)
-        except (RuntimeError, IndexError) as error:
-            raise ValueError(
-                f"drift {_name(self.drift)} failed on x of shape {tuple(x.shape)} "
-                f"(d = {state_dim} from init): {error}"
-            ) from error
-        if not isinstance(f, torch.Tensor):
-            raise TypeError(
-                f"drift {_name(self.drift)} must return a tensor, but returned {type(f).__name__}"
-            )
+        x_text = (
+            f"x of shape {tuple(x.shape)} (batch shape {tuple(batch)} broadcast from init "
+            f"{tuple(init_batch)} and times {tuple(self.grid.batch_shape)}; {origin})"
+        )
+        name = f"drift {_name(self.drift)}"
+        f = _call(self.drift, name, t, x, x_text)
         if f.dim() < 1 or f.shape[-1] != state_dim:
             raise ValueError(
-                f"drift {_name(self.drift)} must return a tensor of shape (..., {state_dim}) "
-                f"(d = {state_dim} from init) for x of shape {tuple(x.shape)}, but returned "
-                f"{tuple(f.shape)}"
+                f"{name} returned shape {tuple(f.shape)} for x of shape {tuple(x.shape)}, but "
+                f"{origin}; the drift must return shape (..., {state_dim})"
             )
         if f.dtype != times.dtype:
             raise TypeError(
-                f"drift {_name(self.drift)} returned dtype {f.dtype}, but times has dtype "
-                f"{times.dtype}; use one floating point dtype throughout"
+                f"{name} returned dtype {f.dtype}, but times has dtype {times.dtype}; use one "
+                f"floating point dtype throughout"
             )
-        name = "diffusion" if not callable(self.diffusion) else f"diffusion {_name(self.diffusion)}"
-        g = self.diffusion(t, x) if callable(self.diffusion) else self.diffusion
-        if not isinstance(g, torch.Tensor):
-            raise TypeError(f"{name} must return a tensor, but returned {type(g).__name__}")
+        output = f"output shape {tuple(f.shape)} for x of shape {tuple(x.shape)}"
+        batches.append((name, f.shape[:-1], output))
+        if callable(self.diffusion):
+            name = f"diffusion {_name(self.diffusion)}"
+            g = _call(self.diffusion, name, t, x, x_text)
+        else:
+            name, g = "diffusion", self.diffusion
         if g.dtype != times.dtype:
             raise TypeError(
                 f"{name} has dtype {g.dtype}, but times has dtype {times.dtype}; use one "
                 f"floating point dtype throughout"
             )
-        check_diffusion_shape(self.noise_type, g, state_dim, name)
-        if validate and not callable(self.diffusion):
-            if not torch.isfinite(g).all():
-                raise ValueError("diffusion must be finite, but has non-finite entries")
-            if self.noise_type == "diagonal" and not (g > 0).all():
-                raise ValueError(
-                    f"diffusion entries must be > 0 for noise_type='diagonal', but got "
-                    f"{float(g[g <= 0][0]):g}; for noise on a subset of coordinates pass a "
-                    f"(d, m) matrix with noise_type='general'"
-                )
+        check_diffusion_shape(self.noise_type, g, state_dim, name, origin)
         g_batch = g.shape[: g.dim() - diffusion_event_dim(self.noise_type)]
-        batch = torch.broadcast_shapes(batch, f.shape[:-1], g_batch)
-        return batch, noise_dim(self.noise_type, g.shape, state_dim)
+        if callable(self.diffusion):
+            output = f"output shape {tuple(g.shape)} for x of shape {tuple(x.shape)}"
+        else:
+            output = f"diffusion shape {tuple(g.shape)}"
+            if validate:
+                _check_diffusion_values(self.noise_type, g)
+        batches.append((name, g_batch, output))
+        return _broadcast_batches(batches), noise_dim(self.noise_type, g.shape, state_dim)
 
     @property
     def times(self) -> torch.Tensor:
@@ -422,6 +425,13 @@ class EulerMaruyama(TorchDistribution):
         path, steps = simulate(self, x0, eps)
         _path_record.attach(path, _path_record.PathRecord(path, self.law_key(), steps, self))
         return path
+
+    def _validate_sample(self, value):
+        """Check the shape of ``value`` with a message stating the expected one, then (by
+        :class:`~torch.distributions.Distribution`) its support."""
+        if isinstance(value, torch.Tensor):
+            _check_value_shape(value, self.batch_shape, self.event_shape)
+        super()._validate_sample(value)
 
     def init_log_prob(self, value: torch.Tensor):
         """``log p(x_0)``: ``init.log_prob(value[..., 0, :])``, or ``0.`` for a known ``x_0``."""
@@ -485,6 +495,26 @@ def check_expand(batch_shape, new_shape) -> None:
         raise ValueError(f"cannot expand batch_shape {tuple(batch_shape)} to {tuple(new_shape)}")
 
 
+def _check_value_shape(value, batch_shape, event_shape) -> None:
+    """Raise ``ValueError`` unless ``value`` is ``sample_shape + batch + (K+1, d)`` with a
+    batch part that broadcasts with ``batch_shape``."""
+    if value.shape[-2:] != event_shape:
+        steps, dim = event_shape
+        raise ValueError(
+            f"value must have shape sample_shape + batch_shape + (K+1, d) = (..., {steps}, "
+            f"{dim}), but got shape {tuple(value.shape)}; a value is a whole path, "
+            f"value[..., k, :] the state at times[..., k]"
+        )
+    if not _broadcastable(value.shape[:-2], batch_shape):
+        expected = ", ".join(map(str, batch_shape + event_shape))
+        raise ValueError(
+            f"value has shape {tuple(value.shape)}, whose batch part {tuple(value.shape[:-2])} "
+            f"does not broadcast with the path's batch_shape {tuple(batch_shape)}; value must "
+            f"have shape sample_shape + batch_shape + (K+1, d) = (..., {expected}) (or "
+            f"broadcast to it)"
+        )
+
+
 def _draw_init(init, shape, state_dim):
     if isinstance(init, Distribution):
         return init.expand(shape).rsample()
@@ -493,6 +523,61 @@ def _draw_init(init, shape, state_dim):
 
 def _name(fn):
     return getattr(fn, "__qualname__", None) or type(fn).__name__
+
+
+def _init_shape(init):
+    if isinstance(init, Distribution):
+        return f"init batch_shape {tuple(init.batch_shape)}, event_shape {tuple(init.event_shape)}"
+    return f"init shape {tuple(init.shape)}"
+
+
+def _state_origin(init, state_dim):
+    """Where ``d`` comes from, for messages: ``init has state dimension d = 3 (...)``."""
+    return f"init has state dimension d = {state_dim} ({_init_shape(init)})"
+
+
+def _broadcastable(shape, other) -> bool:
+    return all(p == q or 1 in (p, q) for p, q in zip(shape[::-1], other[::-1], strict=False))
+
+
+def _call(fn, name, t, x, x_text):
+    """``fn(t, x)`` for the probe, which must return a tensor; a failure names ``fn`` and ``x``."""
+    try:
+        out = fn(t, x)
+    except (RuntimeError, IndexError) as error:
+        raise ValueError(f"{name} failed on {x_text}: {error}") from error
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"{name} must return a tensor, but returned {type(out).__name__}")
+    return out
+
+
+def _check_diffusion_values(noise_type, g):
+    if not torch.isfinite(g).all():
+        raise ValueError("diffusion must be finite, but has non-finite entries")
+    if noise_type == "diagonal" and not (g > 0).all():
+        raise ValueError(
+            f"diffusion entries must be > 0 for noise_type='diagonal', but got "
+            f"{float(g[g <= 0][0]):g}; for noise on a subset of coordinates pass a "
+            f"(d, m) matrix with noise_type='general'"
+        )
+
+
+def _broadcast_batches(batches):
+    """The broadcast of named batch shapes ``[(name, batch_shape, shape description)]``.
+
+    :raises ValueError: naming two of them that do not broadcast, with their shapes (shapes
+        that broadcast pairwise broadcast together).
+    """
+    for i, (name, batch, shape) in enumerate(batches):
+        for other, other_batch, other_shape in batches[i + 1 :]:
+            if not _broadcastable(batch, other_batch):
+                raise ValueError(
+                    f"{name} has batch shape {tuple(batch)} ({shape}) and {other} has batch "
+                    f"shape {tuple(other_batch)} ({other_shape}), which do not broadcast; the "
+                    f"path's batch shape broadcasts those of init, times and the outputs of "
+                    f"drift and diffusion"
+                )
+    return torch.broadcast_shapes(*(batch for _, batch, _ in batches))
 
 
 __all__ = ["EulerMaruyama", "Residuals", "SimulatedSteps", "simulate"]

@@ -55,19 +55,33 @@ def noise_dim(noise_type: str, g_shape: torch.Size, state_dim: int) -> int:
     return g_shape[-1]
 
 
-def check_diffusion_shape(noise_type: str, g: torch.Tensor, state_dim: int, name: str) -> None:
-    """Raise ``ValueError`` unless ``g`` has the shape its noise type requires."""
+def check_diffusion_shape(
+    noise_type: str, g: torch.Tensor, state_dim: int, name: str, origin: str | None = None
+) -> None:
+    """Raise ``ValueError`` unless ``g`` has the shape its noise type requires.
+
+    :param str name: how to call ``g`` in the message (e.g. ``"diffusion"``).
+    :param str origin: where ``state_dim`` comes from, named when ``g``'s state dimension
+        disagrees with it (e.g. ``"init has state dimension d = 3 (init shape (3,))"``).
+    """
+    event_dims = diffusion_event_dim(noise_type)
     if noise_type == "diagonal":
-        ok, expected = g.dim() >= 1 and g.shape[-1] == state_dim, f"(..., {state_dim})"
+        expected = f"(..., {state_dim})"
     elif noise_type == "scalar":
-        ok = g.dim() >= 2 and g.shape[-2:] == (state_dim, 1)
         expected = f"(..., {state_dim}, 1)"
     else:
-        ok, expected = g.dim() >= 2 and g.shape[-2] == state_dim, f"(..., {state_dim}, m)"
-    if not ok:
+        expected = f"(..., {state_dim}, m)"
+    shape = tuple(g.shape)
+    if len(shape) < event_dims or (noise_type == "scalar" and shape[-1] != 1):
         raise ValueError(
             f"{name} must have shape {expected} for noise_type={noise_type!r}, "
-            f"but got shape {tuple(g.shape)}"
+            f"but got shape {shape}"
+        )
+    if shape[-event_dims] != state_dim:
+        origin = f"the state dimension is d = {state_dim}" if origin is None else origin
+        raise ValueError(
+            f"{name} has shape {shape} but {origin}; for noise_type={noise_type!r} {name} "
+            f"must have shape {expected}"
         )
 
 

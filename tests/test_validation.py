@@ -6,7 +6,9 @@ that blows up names its step and time, and a non-finite SVI loss names the site 
 """
 
 import math
+import random
 import re
+from dataclasses import dataclass
 
 import pyro
 import pyro.distributions as dist
@@ -226,17 +228,341 @@ def test_diffusion_with_the_wrong_dtype_is_a_type_error(diffusion, name):
         path_law(diffusion=diffusion)
 
 
+# ------------------------------------------------------------ mismatches between arguments
+
+
+def test_diffusion_of_another_state_dimension_names_init_and_its_shape():
+    times = torch.linspace(0.0, 1.0, 4)
+    with raises(
+        ValueError,
+        "diffusion has shape (2,) but init has state dimension d = 3 (init shape (3,)); "
+        "for noise_type='diagonal' diffusion must have shape (..., 3)",
+    ):
+        EulerMaruyama(decay, torch.ones(2), torch.zeros(3), times)
+
+
+def test_matrix_diffusion_of_another_state_dimension_names_the_init_distribution():
+    with raises(
+        ValueError,
+        "diffusion has shape (3, 1) but init has state dimension d = 2 "
+        "(init batch_shape (4,), event_shape (2,)); for noise_type='scalar' diffusion must "
+        "have shape (..., 2, 1)",
+    ):
+        path_law(
+            2, diffusion=torch.ones(3, 1), init=normal_init(2).expand((4,)), noise_type="scalar"
+        )
+
+
+def test_drift_of_another_state_dimension_names_init_and_its_shape():
+    with raises(
+        ValueError,
+        "drift first_coordinate returned shape (4, 1) for x of shape (4, 2), but init has "
+        "state dimension d = 2 (init shape (4, 2)); the drift must return shape (..., 2)",
+    ):
+        path_law(2, drift=first_coordinate, init=torch.zeros(4, 2))
+
+
+def five_series(t, x):
+    return torch.zeros(5, 2)
+
+
+def per_series_decay(t, x):
+    return -torch.tensor([1.0, 2.0]).unsqueeze(-1) * x  # two series
+
+
+def three_scales(t, x):
+    return torch.full((3, 2), 0.5)
+
+
+@pytest.mark.parametrize(
+    "kwargs, first, second",
+    [
+        (
+            {"init": torch.zeros(3, 2), "times": torch.stack([TIMES, TIMES + 1])},
+            "init has batch shape (3,) (init shape (3, 2))",
+            "times has batch shape (2,) (times shape (2, 6))",
+        ),
+        (
+            {"init": normal_init(2).expand((3,)), "diffusion": torch.full((4, 2), 0.5)},
+            "init has batch shape (3,) (init batch_shape (3,), event_shape (2,))",
+            "diffusion has batch shape (4,) (diffusion shape (4, 2))",
+        ),
+        (
+            {"drift": five_series, "times": torch.stack([TIMES, TIMES + 1, TIMES + 2])},
+            "times has batch shape (3,) (times shape (3, 6))",
+            "drift five_series has batch shape (5,) (output shape (5, 2) for x of shape (3, 2))",
+        ),
+        (
+            {"drift": per_series_decay, "diffusion": three_scales},
+            "drift per_series_decay has batch shape (2,) (output shape (2, 2) for x of shape (2,))",
+            "diffusion three_scales has batch shape (3,) (output shape (3, 2) for x of shape (2,))",
+        ),
+    ],
+    ids=["init-times", "init-diffusion", "times-drift", "drift-diffusion"],
+)
+def test_batch_shapes_that_do_not_broadcast_name_both_arguments_and_their_shapes(
+    kwargs, first, second
+):
+    with raises(ValueError, first, second, "do not broadcast"):
+        path_law(2, **kwargs)
+
+
+def per_series_scale(t, x):
+    return torch.full((4, 1), 0.5) * torch.ones_like(x)  # four series
+
+
+@pytest.mark.parametrize("role", ["drift", "diffusion"])
+def test_a_function_failing_on_the_probe_state_names_it_and_where_the_state_comes_from(role):
+    kwargs = {role: per_series_scale, "init": torch.zeros(3, 2)}
+    with raises(
+        ValueError,
+        f"{role} per_series_scale failed on x of shape (3, 2) (batch shape (3,) broadcast "
+        f"from init (3,) and times (); init has state dimension d = 2 (init shape (3, 2)))",
+        "size of tensor a (4)",
+    ):
+        path_law(2, **kwargs)
+
+
 # ------------------------------------------------------------------------ log_prob value
 
 
-@pytest.mark.parametrize("shape", [(5, 1), (6, 2), (6,)], ids=["steps", "state", "flat"])
-def test_log_prob_of_a_value_with_the_wrong_event_shape_is_rejected(shape):
-    law = path_law()
-    with raises(ValueError, "value", "event_shape", "[6, 1]"):
-        law.log_prob(torch.zeros(shape))
-    posterior = law.girsanov(ControlNet(1, hidden_dims=(4,)))
+WRONG_EVENT_SHAPES = pytest.mark.parametrize(
+    "shape", [(5, 1), (6, 2), (6,)], ids=["steps", "state", "flat"]
+)
+
+
+@WRONG_EVENT_SHAPES
+def test_log_prob_of_a_value_with_the_wrong_event_shape_names_the_expected_shape(shape):
+    with raises(ValueError, "value must have shape", "(..., 6, 1)", f"got shape {shape}"):
+        path_law().log_prob(torch.zeros(shape))
+
+
+@WRONG_EVENT_SHAPES
+def test_girsanov_log_prob_of_a_value_with_the_wrong_event_shape_is_rejected(shape):
+    posterior = path_law().girsanov(ControlNet(1, hidden_dims=(4,)))
     with raises(ValueError, "value", "event_shape", "[6, 1]"):
         posterior.log_prob(torch.zeros(shape))
+
+
+def test_log_prob_of_a_value_whose_batch_does_not_broadcast_names_the_batch_shape():
+    law = path_law(init=normal_init(1).expand((2,)))  # batch (2,)
+    with raises(
+        ValueError,
+        "value has shape (3, 6, 1), whose batch part (3,)",
+        "batch_shape (2,)",
+        "(..., 2, 6, 1)",
+    ):
+        law.log_prob(torch.zeros(3, 6, 1))
+    assert law.log_prob(torch.zeros(3, 1, 6, 1)).shape == (3, 2)  # batch part (3, 1) is fine
+
+
+# ------------------------------------------------------------------------------ random shapes
+#
+# Random shapes for init (tensor or distribution), times (with batch dims), the drift's output,
+# the diffusion (tensor or callable, every noise type) and the value given to log_prob. The
+# oracle below derives from the shape rules of the API alone which arguments disagree, and the
+# words a message about each disagreement must contain. Construction, rsample and log_prob
+# must then succeed with the broadcast shapes, or raise ValueError/TypeError naming the
+# arguments of one of the disagreements: never a bare RuntimeError or IndexError.
+
+NOISE_TYPES = ("diagonal", "scalar", "general", "additive")
+CASES_PER_SEED = 100
+
+
+@dataclass(frozen=True)
+class ShapeCase:
+    noise_type: str
+    init: tuple  # a tensor's shape, or a distribution's batch_shape + (d,)
+    init_event_dims: int | None  # None for a tensor
+    times: tuple  # batch + (K+1,)
+    drift: str  # "linear": -theta * x; "constant": ignores x
+    drift_param: tuple  # theta's shape, or the constant output's
+    diffusion_callable: bool  # a callable broadcasts its tensor against x's batch
+    diffusion_batch: tuple
+    diffusion_event: tuple
+    value: tuple  # the shape given to log_prob
+
+
+def random_case(rng):
+    def batch(max_dims=2):
+        return tuple(rng.choice((1, 2, 3)) for _ in range(rng.randint(0, max_dims)))
+
+    def size(right):  # mostly right
+        return right if rng.random() < 0.85 else rng.choice([n for n in (1, 2, 3, 4) if n != right])
+
+    d = rng.choice((1, 2, 3))
+    noise_type = rng.choice(NOISE_TYPES)
+    points = 1 if rng.random() < 0.03 else rng.choice((3, 4))
+    init = batch() + (size(d),)
+    init_event_dims = None
+    if rng.random() < 0.5:
+        init_event_dims = 1 if rng.random() < 0.95 else (2 if len(init) > 1 else 0)
+    drift = "linear" if rng.random() < 0.7 else "constant"
+    last = 1 if drift == "linear" and rng.random() < 0.5 else size(d)
+    diffusion_callable = rng.random() < 0.4
+    diffusion_batch = batch()
+    if noise_type == "diagonal":
+        event = (size(d),)
+    elif noise_type == "scalar":
+        event = (size(d), 1 if rng.random() < 0.9 else 2)
+    else:
+        event = (size(d), rng.choice((1, 2, 3)))
+    if not diffusion_callable and rng.random() < 0.05:  # too few dims for the noise type
+        diffusion_batch, event = (), event[:-1]
+    state = init[-1]
+    wrong_events = [(points + 1, state), (points, state + 1), (points,)]
+    value = batch() + rng.choice([(points, state)] * 7 + wrong_events)
+    return ShapeCase(
+        noise_type,
+        init,
+        init_event_dims,
+        batch() + (points,),
+        drift,
+        batch(3) + (last,),
+        diffusion_callable,
+        diffusion_batch,
+        event,
+        value,
+    )
+
+
+def build(case):
+    """``(drift, diffusion, init, times)`` of the shapes of ``case``, with valid values."""
+    theta = torch.full(case.drift_param, 0.5)
+
+    def linear(t, x):
+        return -theta * x
+
+    def constant(t, x):
+        return 0.1 * theta
+
+    if case.noise_type in ("general", "additive") and len(case.diffusion_event) == 2:
+        g = torch.eye(*case.diffusion_event) + 0.1  # full rank
+    else:
+        g = torch.full(case.diffusion_event, 0.5)
+    g = g.expand(case.diffusion_batch + case.diffusion_event)
+
+    def diffusion(t, x):
+        batch = torch.broadcast_shapes(x.shape[:-1], case.diffusion_batch)
+        return g.expand(batch + case.diffusion_event)
+
+    init = torch.zeros(case.init)
+    if case.init_event_dims is not None:
+        init = dist.Normal(init, 1.0).to_event(case.init_event_dims)
+    offsets = 0.1 * torch.arange(math.prod(case.times[:-1]), dtype=torch.float32)
+    times = torch.linspace(0.0, 1.0, case.times[-1]) + offsets.reshape(case.times[:-1] + (1,))
+    drift = linear if case.drift == "linear" else constant
+    return drift, diffusion if case.diffusion_callable else g, init, times
+
+
+def broadcast(*shapes):
+    """The broadcast of ``shapes``, or ``None`` where they do not broadcast."""
+    n = max(map(len, shapes))
+    out = []
+    for sizes in zip(*((1,) * (n - len(s)) + tuple(s) for s in shapes), strict=True):
+        large = {size for size in sizes if size != 1}
+        if len(large) > 1:
+            return None
+        out.append(large.pop() if large else 1)
+    return tuple(out)
+
+
+def expected_faults(case):
+    """``(faults, batch_shape)``: each fault is the fragments of a message about it."""
+    faults = []
+    if case.times[-1] < 2:
+        faults.append(("times", "K+1 >= 2"))
+    if case.init_event_dims not in (None, 1):
+        faults.append(("init", "event_shape"))
+    if faults:
+        return faults, None
+    d, init_batch, times_batch = case.init[-1], case.init[:-1], case.times[:-1]
+    x_batch = broadcast(init_batch, times_batch)
+    if x_batch is None:
+        return [("init", str(init_batch), "times", str(times_batch))], None
+    x_shape = str(x_batch + (d,))
+    batches = [("init", init_batch), ("times", times_batch)]
+    out = case.drift_param
+    if case.drift == "linear":
+        out = broadcast(case.drift_param, x_batch + (d,))
+        if out is None:
+            faults.append(("drift", "failed", x_shape))
+    if out is not None:
+        if out[-1] != d:
+            faults.append(("drift", str(out), "init", f"d = {d}"))
+        batches.append(("drift", out[:-1]))
+    event_dims = 1 if case.noise_type == "diagonal" else 2
+    g_batch = case.diffusion_batch
+    if case.diffusion_callable:
+        g_batch = broadcast(x_batch, case.diffusion_batch)
+        if g_batch is None:
+            faults.append(("diffusion", "failed", x_shape))
+    if g_batch is not None:
+        g = g_batch + case.diffusion_event
+        if len(g) < event_dims or (case.noise_type == "scalar" and g[-1] != 1):
+            faults.append(("diffusion", str(g), repr(case.noise_type)))
+        elif g[-event_dims] != d:
+            faults.append(("diffusion", str(g), "init", f"d = {d}"))
+        else:
+            g_batch = g[: len(g) - event_dims]
+            batches.append(("diffusion", g_batch))
+    for i, (name, batch) in enumerate(batches):
+        for other, other_batch in batches[i + 1 :]:
+            if broadcast(batch, other_batch) is None:
+                faults.append((name, str(batch), other, str(other_batch)))
+    return faults, None if faults else broadcast(*(batch for _, batch in batches))
+
+
+def value_faults(case, batch):
+    event = (case.times[-1], case.init[-1])
+    if case.value[-2:] != event:
+        return [("value", f"(..., {event[0]}, {event[1]})", str(case.value))]
+    if broadcast(case.value[:-2], batch) is None:
+        return [("value", str(case.value), str(batch))]
+    return []
+
+
+def outcome(fn, *args, **kwargs):
+    """``(fn(*args, **kwargs), None)``, or ``(None, error)`` for any error."""
+    try:
+        return fn(*args, **kwargs), None
+    except Exception as error:
+        return None, error
+
+
+def check_error(error, faults, case):
+    assert isinstance(error, (ValueError, TypeError)), (case, faults, repr(error))
+    message = str(error)
+    assert any(all(f in message for f in fault) for fault in faults), (case, faults, message)
+
+
+@pytest.mark.parametrize("seed", range(15))
+def test_random_shapes_succeed_consistently_or_raise_an_error_naming_the_arguments(seed):
+    rng = random.Random(seed)
+    for _ in range(CASES_PER_SEED):
+        case = random_case(rng)
+        faults, batch = expected_faults(case)
+        drift, diffusion, init, times = build(case)
+        law, error = outcome(
+            EulerMaruyama, drift, diffusion, init, times, noise_type=case.noise_type
+        )
+        if faults:
+            check_error(error, faults, case)
+            continue
+        assert error is None, (case, repr(error))
+        event = (case.times[-1], case.init[-1])
+        assert (law.batch_shape, law.event_shape) == (batch, event), case
+        path = law.rsample((2,))
+        assert path.shape == (2, *batch, *event), case
+        log_prob = law.log_prob(path)
+        assert log_prob.shape == (2, *batch) and torch.isfinite(log_prob).all(), case
+        faults = value_faults(case, batch)
+        log_prob, error = outcome(law.log_prob, torch.zeros(case.value))
+        if faults:
+            check_error(error, faults, case)
+        else:
+            assert error is None, (case, repr(error))
+            assert log_prob.shape == broadcast(case.value[:-2], batch), case
 
 
 # --------------------------------------------------------------------- validate_args=False
