@@ -5,6 +5,9 @@ from typing import NamedTuple
 import torch
 import torch.utils.checkpoint
 from pyro.distributions import TorchDistribution, constraints
+from pyro.poutine.indep_messenger import IndepMessenger
+from pyro.poutine.runtime import _PYRO_STACK
+from pyro.poutine.trace_messenger import TraceMessenger
 from torch.distributions import Distribution
 
 from . import _path_record
@@ -343,7 +346,9 @@ class EulerMaruyama(TorchDistribution):
         """Evaluate drift and diffusion once at ``t_0`` to learn shapes (and check them).
 
         The probe state ``x`` is ``broadcast(init batch, times batch) + (d,)``. Every error
-        names the arguments involved and their shapes.
+        names the arguments involved and their shapes. With ``validate``, inside a traced
+        Pyro run, a callable whose output has a leading size-1 batch dim that neither ``x``
+        nor the model's plates so far explain is rejected (see :func:`_check_added_dims`).
         """
         times = self.grid.times
         origin = _state_origin(self.init, state_dim)
@@ -370,6 +375,8 @@ class EulerMaruyama(TorchDistribution):
                 f"{name} returned dtype {f.dtype}, but times has dtype {times.dtype}; use one "
                 f"floating point dtype throughout"
             )
+        if validate:
+            _check_added_dims(name, f.shape, f.shape[:-1], x)
         output = f"output shape {tuple(f.shape)} for x of shape {tuple(x.shape)}"
         batches.append((name, f.shape[:-1], output))
         if callable(self.diffusion):
@@ -385,6 +392,8 @@ class EulerMaruyama(TorchDistribution):
         check_diffusion_shape(self.noise_type, g, state_dim, name, origin)
         g_batch = g.shape[: g.dim() - diffusion_event_dim(self.noise_type)]
         if callable(self.diffusion):
+            if validate:
+                _check_added_dims(name, g.shape, g_batch, x)
             output = f"output shape {tuple(g.shape)} for x of shape {tuple(x.shape)}"
         else:
             output = f"diffusion shape {tuple(g.shape)}"
@@ -578,6 +587,71 @@ def _broadcast_batches(batches):
                     f"drift and diffusion"
                 )
     return torch.broadcast_shapes(*(batch for _, batch, _ in batches))
+
+
+def _explained_rank() -> int | None:
+    """How many rightmost batch dims the running Pyro model has shown to use so far, or
+    ``None`` outside a traced Pyro run.
+
+    Read from the whole handler stack: the dims of the active vectorized plates, and the
+    batch dims of the values of the sample sites already recorded by an active trace. The
+    second covers parameters that carry singleton dims up to the model's ``max_plate_nesting``
+    without a plate being active (samples that ``Predictive`` conditions the model on, one by
+    one, are shaped ``(1, ..., 1) + site shape``), and parameters sampled in plates that have
+    been exited. The whole stack is read, not :func:`pyro.poutine.runtime.get_plates`, from
+    which a ``poutine.block`` hides outer plates: the guide runs the model blocked inside
+    Pyro's particle and sample plates.
+    """
+    traces = [handler.trace for handler in _PYRO_STACK if isinstance(handler, TraceMessenger)]
+    if not traces:
+        return None
+    plates = [h.dim for h in _PYRO_STACK if isinstance(h, IndepMessenger) and h.dim is not None]
+    rank = -min(plates, default=0)
+    for trace in traces:
+        for site in trace.nodes.values():
+            value = site.get("value")
+            if site["type"] == "sample" and isinstance(value, torch.Tensor):
+                rank = max(rank, value.dim() - len(getattr(site["fn"], "event_shape", ())))
+    return rank
+
+
+def _check_added_dims(name, shape, out_batch, x):
+    """Inside a traced Pyro run, reject an output whose batch has a leading size-1 dim that
+    nothing explains.
+
+    Output batch dims may exceed the probe ``x``'s (``x`` is built from ``init`` and ``times``
+    only): parameters sampled in plates, or under Pyro's particle and sample plates, carry
+    their plate dims (``theta`` ``(S, 1, 1)`` under ``Predictive(parallel=True)``; ``(N, 1)``
+    in a plate of ``N`` series). Those dims have a plate's size, or lie within the dims that
+    the active plates and the model's sample sites so far use (:func:`_explained_rank`). A
+    leading dim of size 1 beyond both is no plate's: broadcasting never needs it, and it gives
+    the path a spurious batch dim left of the model's plates, where Pyro puts its particle and
+    sample dims (a ``num_samples x num_samples`` broadcast under
+    ``Predictive(parallel=True)``). The usual cause is a scalar parameter given a dim
+    (``beta[..., None]``) and combined with a state component ``x[..., i]``, which has none.
+
+    Outside a traced run (plain torch code, a model called without handlers) nothing tells
+    such a dim from a batch of one (parameters for a single series), and it does no harm
+    there: it is batch.
+    """
+    rank = _explained_rank()
+    if rank is None:
+        return
+    explained = max(x.dim() - 1, rank)
+    added = len(out_batch) - explained
+    if added <= 0 or out_batch[0] != 1:
+        return
+    ones = next((i for i, size in enumerate(out_batch[:added]) if size != 1), added)
+    raise ValueError(
+        f"{name} returned shape {tuple(shape)} for x of shape {tuple(x.shape)}: it added "
+        f"{ones} leading batch dim(s) of size 1 beyond the {explained} batch dim(s) that x, "
+        f"the active plates and the model's sample sites so far explain. Such a dim gives the "
+        f"path a spurious batch dim, left of every plate, that breaks vectorized sampling "
+        f"(Predictive(parallel=True), vectorize_particles=True). It typically comes from a "
+        f"scalar parameter given a dim and multiplied by a component of x: for a scalar beta "
+        f"write beta * x[..., i] (or keep x's dim with x[..., i:i + 1]); use beta[..., None] "
+        f"only when beta has batch dims (plates, samples). validate_args=False skips this check"
+    )
 
 
 __all__ = ["EulerMaruyama", "Residuals", "SimulatedSteps", "simulate"]

@@ -323,6 +323,166 @@ def test_a_function_failing_on_the_probe_state_names_it_and_where_the_state_come
         path_law(2, **kwargs)
 
 
+# ------------------------------------------------------------- leading dims added by a callable
+
+
+def compartment_model(*, written_right=False, diffusion=None, validate_args=None):
+    """A flow ``beta s i`` from the first compartment to the second, with a scalar ``beta``.
+    Written ``beta[..., None] * x[..., 0] * x[..., 1]``, the flow gets a dim that the component
+    ``x[..., 0]`` does not have: the drift returns ``(1, 2)`` for ``x`` of shape ``(2,)``."""
+
+    def model():
+        beta = pyro.sample("beta", dist.LogNormal(0.0, 0.3))
+        rate = beta if written_right else beta[..., None]
+
+        def two_compartment(t, x):
+            flow = rate * x[..., 0] * x[..., 1]
+            return torch.stack([-flow, flow], -1)
+
+        noise = torch.full((2,), 0.1) if diffusion is None else diffusion
+        law = EulerMaruyama(
+            two_compartment, noise, torch.tensor([0.9, 0.1]), TIMES, validate_args=validate_args
+        )
+        x = pyro.sample("x", law)
+        pyro.sample("y", dist.Normal(x[..., -1, 1], 0.1), obs=torch.tensor(0.2))
+
+    return model
+
+
+def path_batch_shape(model):
+    return pyro.poutine.trace(model).get_trace().nodes["x"]["fn"].batch_shape
+
+
+def test_drift_adding_a_leading_singleton_dim_in_a_model_names_the_drift_and_the_fix():
+    with raises(
+        ValueError,
+        "two_compartment returned shape (1, 2) for x of shape (2,): it added 1 leading batch "
+        "dim(s) of size 1 beyond the 0 batch dim(s)",
+        "for a scalar beta write beta * x[..., i]",
+        "validate_args=False",
+    ):
+        path_batch_shape(compartment_model())
+    assert path_batch_shape(compartment_model(written_right=True)) == ()
+
+
+def test_the_added_dim_is_caught_before_predictive_broadcasts_samples_against_samples():
+    with raises(ValueError, "two_compartment returned shape (1, 2)"):
+        pyro.infer.Predictive(compartment_model(), num_samples=3, parallel=True)()
+    # Unchecked, three vectorized samples of beta, (3,), become (3, 1) in the drift: the
+    # path's batch is (3, 3), a sample-by-sample broadcast, instead of (3,).
+    with pyro.plate("samples", 3, dim=-1):
+        assert path_batch_shape(compartment_model(validate_args=False)) == (3, 3)
+        assert path_batch_shape(compartment_model(written_right=True)) == (3,)
+
+
+def noise_with_a_leading_dim(t, x):
+    return torch.full((1, 2), 0.1) * torch.ones_like(x)
+
+
+def test_diffusion_adding_a_leading_singleton_dim_in_a_model_names_the_diffusion():
+    with raises(
+        ValueError,
+        "diffusion noise_with_a_leading_dim returned shape (1, 2) for x of shape (2,): it "
+        "added 1 leading batch dim(s) of size 1",
+    ):
+        path_batch_shape(compartment_model(written_right=True, diffusion=noise_with_a_leading_dim))
+
+
+def test_leading_singletons_beyond_the_batch_of_init_and_times_are_counted():
+    def drift(t, x):
+        return torch.ones(1, 1, 3, 2) * x
+
+    def model():
+        pyro.sample("x", path_law(2, drift=drift, init=torch.zeros(3, 2)))
+
+    with raises(ValueError, "returned shape (1, 1, 3, 2) for x of shape (3, 2)", "added 2"):
+        path_batch_shape(model)
+
+
+def test_validate_args_false_keeps_the_added_dim_as_batch():
+    assert path_batch_shape(compartment_model(validate_args=False)) == (1,)
+    with pyro.validation_enabled(False):
+        assert path_batch_shape(compartment_model()) == (1,)
+
+
+def test_outside_a_traced_run_an_added_singleton_is_a_batch_of_one():
+    rate = torch.tensor([0.5])  # parameters of one series
+
+    def drift(t, x):
+        return -rate[..., None] * x
+
+    assert path_law(2, drift=drift).batch_shape == (1,)
+    compartment_model()()  # a plain call: no handler records the model
+
+
+def test_added_dims_of_size_other_than_one_are_batch():
+    theta = torch.tensor([[1.0], [2.0], [3.0]])  # three parameter values, no plate
+
+    def model():
+        pyro.sample("x", path_law(2, drift=lambda t, x: -theta * x))
+
+    assert path_batch_shape(model) == (3,)
+
+
+def per_series_model(num_series, init=None):
+    """A path in a plate of ``num_series`` whose drift uses a per-series ``theta``
+    (``(N,)``, read as ``theta[..., None]``) and a known ``(d,)`` initial state."""
+
+    def model():
+        with pyro.plate("series", num_series, dim=-1):
+            theta = pyro.sample("theta", dist.LogNormal(0.0, 0.1))
+            law = EulerMaruyama(
+                lambda t, x: -theta[..., None] * x,
+                torch.full((2,), 0.5),
+                torch.zeros(2) if init is None else init,
+                TIMES,
+            )
+            return pyro.sample("x", law)
+
+    return model
+
+
+@pytest.mark.parametrize("num_series", [1, 3])
+def test_plate_dims_of_parameters_are_batch_even_of_size_one(num_series):
+    trace = pyro.poutine.trace(per_series_model(num_series)).get_trace()
+    assert trace.nodes["x"]["fn"].batch_shape == (num_series,)
+
+
+def scalar_theta_model():
+    """A scalar ``theta`` used as ``theta[..., None]`` (right under sample plates), a path
+    outside every plate, and observations in a plate."""
+    theta = pyro.sample("theta", dist.LogNormal(0.0, 0.1))
+    law = EulerMaruyama(
+        lambda t, x: -theta[..., None] * x, torch.full((2,), 0.5), torch.zeros(2), TIMES
+    )
+    x = pyro.sample("x", law)
+    with pyro.plate("obs", 2, dim=-1):
+        pyro.sample("y", dist.Normal(x[..., -1, :], 0.1), obs=torch.zeros(2))
+
+
+@pytest.mark.parametrize("num_samples", [1, 4])
+def test_sample_plates_explain_the_dims_of_parameters_even_of_size_one(num_samples):
+    samples = pyro.infer.Predictive(scalar_theta_model, num_samples=num_samples, parallel=True)()
+    assert samples["x"].shape == (num_samples, 1, 6, 2)
+    guide = GirsanovGuide(scalar_theta_model, control="affine")
+    guide()
+    # The guide runs the model blocked inside Pyro's sample plate: its dims still count.
+    # One sample at a time, the model is conditioned on theta of shape (1,) (padded to the
+    # model's one plate dim), with no plate active at the path.
+    for parallel in (True, False):
+        predictive = pyro.infer.Predictive(
+            scalar_theta_model, guide=guide, num_samples=num_samples, parallel=parallel
+        )
+        assert predictive()["x"].shape == (num_samples, 1, 6, 2)
+    svi = SVI(
+        scalar_theta_model,
+        guide,
+        pyro.optim.Adam({"lr": 0.01}),
+        Trace_ELBO(num_particles=num_samples, vectorize_particles=True),
+    )
+    assert math.isfinite(svi.step())
+
+
 # ------------------------------------------------------------------------ log_prob value
 
 
