@@ -574,9 +574,25 @@ def _check_diffusion_values(noise_type, g):
 def _broadcast_batches(batches):
     """The broadcast of named batch shapes ``[(name, batch_shape, shape description)]``.
 
-    :raises ValueError: naming two of them that do not broadcast, with their shapes (shapes
-        that broadcast pairwise broadcast together).
+    Computed here rather than by :func:`torch.broadcast_shapes` (slower on these few small
+    shapes, and its error names no argument).
+
+    :raises ValueError: naming two of them that do not broadcast, with their shapes.
     """
+    ndim = max(len(batch) for _, batch, _ in batches)
+    out = [1] * ndim
+    for _, batch, _ in batches:
+        for i, size in enumerate(batch, ndim - len(batch)):
+            if size != 1 and out[i] != size:
+                if out[i] != 1:
+                    _raise_unbroadcastable(batches)
+                out[i] = size
+    return torch.Size(out)
+
+
+def _raise_unbroadcastable(batches):
+    """Name two of ``batches`` that do not broadcast (shapes that broadcast pairwise
+    broadcast together, so there are two)."""
     for i, (name, batch, shape) in enumerate(batches):
         for other, other_batch, other_shape in batches[i + 1 :]:
             if not _broadcastable(batch, other_batch):
@@ -586,7 +602,6 @@ def _broadcast_batches(batches):
                     f"path's batch shape broadcasts those of init, times and the outputs of "
                     f"drift and diffusion"
                 )
-    return torch.broadcast_shapes(*(batch for _, batch, _ in batches))
 
 
 def _explained_rank() -> int | None:
@@ -634,12 +649,14 @@ def _check_added_dims(name, shape, out_batch, x):
     such a dim from a batch of one (parameters for a single series), and it does no harm
     there: it is batch.
     """
+    if len(out_batch) < x.dim() or out_batch[0] != 1:
+        return  # no leading size-1 dim beyond x's batch: nothing to explain
     rank = _explained_rank()
     if rank is None:
         return
     explained = max(x.dim() - 1, rank)
     added = len(out_batch) - explained
-    if added <= 0 or out_batch[0] != 1:
+    if added <= 0:
         return
     ones = next((i for i, size in enumerate(out_batch[:added]) if size != 1), added)
     raise ValueError(
