@@ -1,0 +1,96 @@
+"""The Laplace approximation of a path posterior, against the exact Gaussian reference and by
+its defining properties for nonlinear models (a stationary point of the log joint)."""
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro import poutine
+from reference import step_noise_regressions
+from test_guide import LinearProblem
+
+from pyro_nsde import EulerMaruyama
+from pyro_nsde.guide import unwrap_path_distribution
+from pyro_nsde.laplace import laplace, linearize, quadratic_sites
+
+F64 = torch.float64
+
+
+def _prior_and_likelihood(model, *args):
+    trace = poutine.trace(model).get_trace(*args)
+    prior, _ = unwrap_path_distribution(trace.nodes["x"]["fn"])
+
+    def log_likelihood(x):
+        conditioned = poutine.trace(poutine.condition(model, data={"x": x})).get_trace(*args)
+        return conditioned.log_prob_sum(site_filter=lambda name, site: name != "x")
+
+    return prior, log_likelihood
+
+
+def test_laplace_of_a_linear_sde_is_its_exact_posterior(default_dtype):
+    """Position–velocity oscillator, noise on the velocity only, precise observations of the
+    position: one Gauss–Newton step from the prior's path is the exact posterior."""
+    default_dtype(F64)
+    problem = LinearProblem(
+        ((0.0, 1.0), (-4.0, -0.2)), ((0.0,), (0.8,)), ((1.0, 0.0),), "general", 60, 3, 0.05, 3.0
+    )
+    prior, log_likelihood = _prior_and_likelihood(problem.model, problem.y)
+    posterior, path = laplace(prior, log_likelihood)
+    loc, _, cov = step_noise_regressions(problem.posterior)
+    h = problem.times[1:] - problem.times[:-1]
+    mean, sd = problem.posterior.marginals()
+    assert torch.allclose(path, mean, atol=1e-8)
+    assert torch.allclose(posterior.step_cov, cov, atol=1e-9)
+    assert torch.allclose(posterior.control_loc * h.sqrt()[:, None], loc, atol=1e-6)
+    _, covariance = posterior.marginals()
+    assert torch.allclose(covariance.diagonal(dim1=-2, dim2=-1).sqrt(), sd, atol=1e-8)
+
+
+def _double_well(y=None):
+    times = torch.linspace(0.0, 2.0, 41, dtype=F64)
+    prior = EulerMaruyama(
+        lambda t, x: x - x**3,
+        torch.tensor([0.5], dtype=F64),
+        dist.Normal(torch.zeros(1, dtype=F64), 1.0).to_event(1),
+        times,
+    )
+    x = pyro.sample("x", prior)
+    return pyro.sample("y", dist.Normal(x[..., ::8, 0], 0.1).to_event(1), obs=y)
+
+
+def test_laplace_of_a_nonlinear_sde_is_a_stationary_point_of_the_log_joint():
+    y = torch.tensor([0.8, 1.1, 0.9, -0.2, -1.0, -0.9], dtype=F64)
+    prior, log_likelihood = _prior_and_likelihood(_double_well, y)
+    _, path = laplace(prior, log_likelihood)
+    x = path.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(prior.log_prob(x) + log_likelihood(x), x)
+    assert grad.abs().max() < 1e-5
+    # and a maximum: the log joint decreases in random directions
+    value = float(prior.log_prob(path) + log_likelihood(path))
+    for seed in range(5):
+        direction = torch.randn(path.shape, generator=torch.Generator().manual_seed(seed))
+        moved = path + 1e-2 * direction.to(F64)
+        assert float(prior.log_prob(moved) + log_likelihood(moved)) < value
+
+
+def test_linearization_and_sites_are_differentiable_in_the_parameters():
+    """With ``differentiable=True`` the linearized chain and the sites are functions of the
+    parameters the drift and likelihood capture (so a guide built on them has exact ELBO
+    gradients); the path they are taken about is held fixed."""
+    rate = torch.tensor(1.3, dtype=F64, requires_grad=True)
+    noise = torch.tensor(0.2, dtype=F64, requires_grad=True)
+    times = torch.linspace(0.0, 1.0, 11, dtype=F64)
+    prior = EulerMaruyama(
+        lambda t, x: -rate * x**3, torch.tensor([0.5], dtype=F64), torch.zeros(1, dtype=F64), times
+    )
+    path = torch.linspace(0.5, 1.5, 11, dtype=F64).unsqueeze(-1)
+    chain = linearize(prior, path, differentiable=True)
+    sites = quadratic_sites(
+        lambda x: dist.Normal(x[..., -1, 0], noise).log_prob(torch.tensor(1.0, dtype=F64)),
+        path,
+        differentiable=True,
+    )
+    (d_transition,) = torch.autograd.grad(chain.transition.sum(), rate)
+    expected = -(3 * path[:-1, 0] ** 2 * (times[1:] - times[:-1])).sum()
+    assert torch.allclose(d_transition, expected)
+    (d_precision,) = torch.autograd.grad(sites.precision[-1].sum(), noise)
+    assert torch.allclose(d_precision, -2 / noise.detach() ** 3)
