@@ -24,8 +24,10 @@ import math
 
 import torch
 from pyro.distributions import constraints
+from pyro.distributions.transforms import biject_to, transform_to
 from pyro.nn import PyroModule, PyroParam
 from torch import nn
+from torch.distributions.transforms import AffineTransform, ComposeTransform
 
 from ._grid import time_first
 
@@ -49,6 +51,36 @@ _SOFTPLUS_ONE = inverse_softplus(1 - MIN_SCALE)  # positive_scale(0) == 1
 def positive_scale(raw: torch.Tensor) -> torch.Tensor:
     """``MIN_SCALE + softplus(raw + c)``, equal to ``1`` at ``raw = 0``."""
     return MIN_SCALE + nn.functional.softplus(raw + _SOFTPLUS_ONE)
+
+
+class _Scaled(constraints.Constraint):
+    """The support of ``base``, reached from unconstrained space through ``x ↦ factor · x``
+    first: a parameter with this constraint moves ``factor`` times as far per optimizer step
+    (Adam's steps are about the learning rate in unconstrained units)."""
+
+    def __init__(self, base, factor: float):
+        self.base, self.factor = base, float(factor)
+        super().__init__()
+
+    @property
+    def event_dim(self):
+        return self.base.event_dim
+
+    def check(self, value):
+        return self.base.check(value)
+
+
+@biject_to.register(_Scaled)
+@transform_to.register(_Scaled)
+def _scaled_transform(constraint):
+    base = transform_to(constraint.base)
+    return ComposeTransform([AffineTransform(0.0, constraint.factor), base])
+
+
+def scaled(constraint, factor: float):
+    """``constraint`` with optimizer steps ``factor`` times as large in its own units (see
+    :class:`_Scaled`); ``factor == 1`` returns ``constraint`` itself."""
+    return constraint if factor == 1 else _Scaled(constraint, factor)
 
 
 def check_covariance(covariance: str) -> str:
@@ -146,17 +178,25 @@ def affine_shift(t, h, x, prior, loc, gain, scale=None):
     return v / h.sqrt(), scale
 
 
-class AffineCoefficients:
-    """The coefficients of an :class:`AffineControl` for one call (subsampled under plates).
-    Per step: ``shift(t_k, h_k, x_k, prior, *step_inputs(k)) -> (u_k, S_k)``.
+class StepCoefficients:
+    """Per-step coefficients of a control for one call, held step-major (``(K, *batch, ·)``),
+    with the per-step protocol of the simulator:
+    ``shift(t_k, h_k, x_k, prior, *step_inputs(k)) -> (u_k, S_k)``, and
+    ``at_all_steps(t, h, x, prior) -> (u, S)`` for all steps at once (``x`` ``(K, ..., d)``).
 
-    ``u_k(x) = (a_k + B_k x) / sqrt(h_k)``, ``S_k`` as the covariance says. Tensors are held
-    step-major: ``a`` ``(K, *batch, m)``, ``B`` ``(K, *batch, m, d)``.
+    :param loc: ``(*batch, K, p)``.
+    :param gain: ``(*batch, K, p, d)``.
+    :param scale: ``None``, ``(*batch, K, s)`` (``"diagonal"``) or ``(*batch, K, s, s)``
+        lower-triangular (``"full"``).
+    :param str covariance: the kind of ``scale``.
     """
 
     def __init__(self, loc, gain, scale, covariance):
         self.covariance = covariance
-        self.batch_shape = loc.shape[:-2]
+        self.batch_shape = torch.broadcast_shapes(loc.shape[:-2], gain.shape[:-3])
+        if scale is not None:
+            extra = 3 if covariance == "full" else 2
+            self.batch_shape = torch.broadcast_shapes(self.batch_shape, scale.shape[:-extra])
         self.loc = loc.movedim(-2, 0)
         self.gain = gain.movedim(-3, 0)
         self.scale = None if scale is None else scale.movedim(-3 if covariance == "full" else -2, 0)
@@ -165,7 +205,19 @@ class AffineCoefficients:
         self._locs, self._gains = self.loc.unbind(0), self.gain.unbind(0)
         self._scales = None if scale is None else self.scale.unbind(0)
 
-    shift = staticmethod(affine_shift)
+    @property
+    def num_steps(self) -> int:
+        return self.loc.shape[0]
+
+    def bind(self, prior) -> "StepCoefficients":
+        """Check the coefficients against the prior path law they control."""
+        if self.num_steps != prior.num_steps or self.gain.shape[-1] != prior.state_dim:
+            raise ValueError(
+                f"{type(self).__name__} must have num_steps={prior.num_steps} and state_dim="
+                f"{prior.state_dim}, but has num_steps={self.num_steps}, "
+                f"state_dim={self.gain.shape[-1]}"
+            )
+        return self
 
     def step_inputs(self, k: int) -> tuple:
         """The coefficients of step ``k``: ``(a_k, B_k)`` or ``(a_k, B_k, S_k)``."""
@@ -173,18 +225,150 @@ class AffineCoefficients:
             return self._locs[k], self._gains[k]
         return self._locs[k], self._gains[k], self._scales[k]
 
+    def _aligned(self, n: int):
+        """``(a, B, S)`` with singleton dims after the step axis, for states of ``n`` dims."""
+        loc, gain = time_first(self.loc, n), time_first(self.gain, n + 1)
+        if self.scale is None:
+            return loc, gain, None
+        return loc, gain, time_first(self.scale, n + (self.covariance == "full"))
+
+
+class AffineCoefficients(StepCoefficients):
+    """The coefficients of an :class:`AffineControl` for one call (subsampled under plates):
+    ``u_k(x) = (a_k + B_k x) / sqrt(h_k)``, ``S_k`` as the covariance says; ``a`` ``(K,
+    *batch, m)``, ``B`` ``(K, *batch, m, d)`` step-major."""
+
+    shift = staticmethod(affine_shift)
+
     def at_all_steps(self, t, h, x, prior=None):
         """All steps at once: ``x`` ``(K, ..., d)``, ``h`` ``(K, ..., 1)``."""
-        n = x.dim()
-        loc, gain = time_first(self.loc, n), time_first(self.gain, n + 1)
+        loc, gain, scale = self._aligned(x.dim())
         v = loc + (gain @ x.unsqueeze(-1)).squeeze(-1)
-        if self.scale is None:
-            return v / h.sqrt(), None
-        extra = 1 if self.covariance == "full" else 0
-        return v / h.sqrt(), time_first(self.scale, n + extra)
+        return v / h.sqrt(), scale
 
 
-class AffineControl(PyroModule):
+class PerStepCoefficients(PyroModule):
+    r"""Learned coefficients ``a_k`` ``(p,)``, ``B_k`` ``(p, d)`` and a step scale ``S_k`` for
+    each step ``k`` of a grid, optionally affine in a context and in parameters:
+
+        ``a_k = a⁰_k + Wᵃ c_k + Vᵃ_k (η - η̄)``,   ``B_k`` likewise,
+        ``S_k = diag(exp(wˢ c_k + Vˢ_k (η - η̄))) S⁰_k``,
+
+    where ``c_k`` is an encoder's context (per step, or static) and ``η - η̄`` the centred
+    unconstrained values of the model's other latent variables (so that a path's posterior
+    follows the parameters drawn with it). The context and parameter weights start at zero.
+    Subclasses turn the result into the :class:`StepCoefficients` of their control.
+
+    :param int num_steps: ``K``.
+    :param int rows: ``p``.
+    :param int state_dim: ``d``.
+    :param int scale_dim: ``s``, the size of ``S_k``.
+    :param tuple batch_shape: one set of coefficients per batch element (series).
+    :param str covariance: ``"prior"`` (no ``S``), ``"diagonal"`` or ``"full"`` (``S⁰``
+        starts at ``I``).
+    :param int context_dim: ``c`` (0: no context).
+    :param int param_dim: the length of ``η`` (0: no parameters).
+    :param float step_scale: optimizer steps on ``a⁰``, ``B⁰`` and ``S⁰`` are this many times
+        as large in their own units as on an unconstrained parameter (a smaller value
+        preconditions coefficients that start near their optimum, e.g. from a Kalman
+        smoother, against the noise of stochastic gradients).
+    """
+
+    def __init__(
+        self,
+        num_steps: int,
+        rows: int,
+        state_dim: int,
+        scale_dim: int,
+        batch_shape=(),
+        covariance: str = "prior",
+        context_dim: int = 0,
+        param_dim: int = 0,
+        step_scale: float = 1.0,
+    ):
+        super().__init__()
+        self.num_steps, self.state_dim = num_steps, state_dim
+        self.covariance = check_covariance(covariance)
+        self.context_dim, self.param_dim = context_dim, param_dim
+        batch_shape = torch.Size(batch_shape)
+        p, s = rows, scale_dim
+        self._rows, self._scale_dim = p, s
+        real = scaled(constraints.real, step_scale)
+        self.loc = PyroParam(torch.zeros(batch_shape + (num_steps, p)), real, event_dim=2)
+        self.gain = PyroParam(
+            torch.zeros(batch_shape + (num_steps, p, state_dim)), real, event_dim=3
+        )
+        if covariance == "diagonal":
+            self.scale = PyroParam(
+                torch.ones(batch_shape + (num_steps, s)),
+                scaled(constraints.positive, step_scale),
+                event_dim=2,
+            )
+        elif covariance == "full":
+            self.scale = PyroParam(
+                torch.eye(s).expand(batch_shape + (num_steps, s, s)).clone(),
+                scaled(constraints.lower_cholesky, step_scale),
+                event_dim=3,
+            )
+        self._width = p + p * state_dim + (0 if covariance == "prior" else s)
+        self.context_head = None
+        if context_dim:
+            self.context_head = nn.Linear(context_dim, self._width)
+            nn.init.zeros_(self.context_head.weight)
+            nn.init.zeros_(self.context_head.bias)
+        if param_dim:
+            self.param_weight = PyroParam(
+                torch.zeros(batch_shape + (num_steps, self._width, param_dim)), event_dim=4
+            )
+
+    def conditioned(self, context=None, params=None, base=None):
+        """``(a, B, S)`` given the context and centred parameters; with ``base`` (a dict of
+        ``loc``, ``gain`` and ``scale`` laid out like the parameters, e.g. a Kalman smoother's
+        coefficients for the parameters drawn) the parameters are corrections to it:
+        ``a = a_base + a⁰``, ``B = B_base + B⁰``, ``S = S_base S⁰``.
+
+        :param context: ``(*batch, K+1, c)`` / ``(*batch, K, c)`` per step, or ``(*batch,
+            c)`` static.
+        :param params: ``η - η̄`` shaped ``(*sample, *(1,) * len(batch), param_dim)``.
+        :returns: ``a`` ``(*batch, K, p)``, ``B`` ``(*batch, K, p, d)``, ``S`` as the
+            covariance says (or ``None``).
+        """
+        loc, gain = self.loc, self.gain
+        scale = None if self.covariance == "prior" else self.scale
+        if base is not None:
+            loc, gain = base["loc"] + loc, base["gain"] + gain
+            if scale is not None:
+                full = self.covariance == "full"
+                scale = base["scale"] @ scale if full else base["scale"] * scale
+        delta = None
+        if self.context_head is not None:
+            if context is None:
+                raise ValueError(
+                    f"{type(self).__name__}(context_dim={self.context_dim}) needs a context"
+                )
+            if context.dim() >= 2 and context.shape[-2] in (self.num_steps, self.num_steps + 1):
+                delta = self.context_head(context[..., : self.num_steps, :])
+            else:
+                delta = self.context_head(context).unsqueeze(-2)
+        if self.param_dim:
+            if params is None:
+                raise ValueError(
+                    f"{type(self).__name__}(param_dim={self.param_dim}) needs parameters"
+                )
+            shift = (self.param_weight @ params[..., None, :, None]).squeeze(-1)
+            delta = shift if delta is None else delta + shift
+        if delta is None:
+            return loc, gain, scale
+        p, d = self._rows, self.state_dim
+        loc = loc + delta[..., :p]
+        gain = gain + delta[..., p : p + p * d].unflatten(-1, (p, d))
+        if scale is not None:
+            factor = delta[..., p + p * d :].exp()
+            scale = scale * (factor if self.covariance == "diagonal" else factor.unsqueeze(-1))
+        return loc, gain, scale
+
+
+class AffineControl(PerStepCoefficients):
     """A learned affine feedback control for each step of the grid:
 
         ``u_k(x) = (a_k + B_k x) / sqrt(h_k)``
@@ -196,13 +380,18 @@ class AffineControl(PyroModule):
     Exact in form for linear SDEs (whose posterior is Gaussian with affine feedback).
 
     Calling the module returns its :class:`AffineCoefficients` (inside ``pyro.plate``
-    contexts the per-series coefficients are subsampled like any ``PyroParam``).
+    contexts the per-series coefficients are subsampled like any ``PyroParam``). The
+    coefficients may depend on a context and on the model's parameters (see
+    :class:`PerStepCoefficients`).
 
     :param int num_steps: ``K``.
     :param int state_dim: ``d``.
     :param int noise_dim: ``m`` (defaults to ``d``).
     :param tuple batch_shape: one control per batch element (e.g. per series in a plate).
     :param str covariance: ``"prior"``, ``"diagonal"`` or ``"full"`` (``S_k`` starts at ``I``).
+    :param int context_dim: size of a context the coefficients depend on (0: none).
+    :param int param_dim: length of the parameter vector they depend on (0: none).
+    :param float step_scale: see :class:`PerStepCoefficients`.
     """
 
     def __init__(
@@ -212,28 +401,18 @@ class AffineControl(PyroModule):
         noise_dim: int | None = None,
         batch_shape=(),
         covariance: str = "prior",
+        context_dim: int = 0,
+        param_dim: int = 0,
+        step_scale: float = 1.0,
     ):
-        super().__init__()
         m = state_dim if noise_dim is None else noise_dim
-        self.num_steps, self.state_dim, self.noise_dim = num_steps, state_dim, m
-        self.covariance = check_covariance(covariance)
-        batch_shape = torch.Size(batch_shape)
-        self.loc = PyroParam(torch.zeros(batch_shape + (num_steps, m)), event_dim=2)
-        self.gain = PyroParam(torch.zeros(batch_shape + (num_steps, m, state_dim)), event_dim=3)
-        if covariance == "diagonal":
-            self.scale = PyroParam(
-                torch.ones(batch_shape + (num_steps, m)), constraints.positive, event_dim=2
-            )
-        elif covariance == "full":
-            self.scale = PyroParam(
-                torch.eye(m).expand(batch_shape + (num_steps, m, m)).clone(),
-                constraints.lower_cholesky,
-                event_dim=3,
-            )
+        super().__init__(
+            num_steps, m, state_dim, m, batch_shape, covariance, context_dim, param_dim, step_scale
+        )
+        self.noise_dim = m
 
-    def forward(self) -> AffineCoefficients:
-        scale = None if self.covariance == "prior" else self.scale
-        return AffineCoefficients(self.loc, self.gain, scale, self.covariance)
+    def forward(self, context=None, params=None, base=None) -> AffineCoefficients:
+        return AffineCoefficients(*self.conditioned(context, params, base), self.covariance)
 
 
 def callable_shift(t, h, x, prior, control, covariance, uses_prior, context):

@@ -50,10 +50,19 @@ class SimulatedSteps:
         self.xi = xi
         self.h = h
         self.factor = factor
-        self.shift = shift
+        self._shift = shift
         self.scale = scale
         self.covariance = covariance
         self._cache = {}
+
+    @property
+    def shift(self):
+        """``u_k`` ``(K, ..., m)`` (``None`` for the prior); a callable given for it is
+        evaluated on first use (a sampler that never needed the drift defers it until a
+        density or the KL asks for it)."""
+        if callable(self._shift):
+            self._shift = self._shift()
+        return self._shift
 
     def _standardized(self):
         """``w_k = sqrt(h_k) u_k + S_k ξ_k``."""

@@ -5,7 +5,7 @@ from pyro.distributions import TorchDistribution, constraints
 from torch.distributions import Distribution
 
 from . import _path_record
-from .controls import AffineCoefficients, AffineControl, CallableControl
+from .controls import CallableControl, PerStepCoefficients, StepCoefficients
 from .euler_maruyama import EulerMaruyama, _draw_init, check_expand, simulate
 from .noise import step_log_density
 
@@ -32,8 +32,10 @@ class GirsanovEulerMaruyama(TorchDistribution):
 
     :param EulerMaruyama prior: the prior path law.
     :param control: a callable ``u(t, x, context)`` returning ``u`` ``(..., m)`` or ``(u, S)``
-        (e.g. :class:`~pyro_nsde.ControlNet`), an :class:`~pyro_nsde.AffineControl`, or its
-        :class:`~pyro_nsde.controls.AffineCoefficients`.
+        (e.g. :class:`~pyro_nsde.ControlNet`), an :class:`~pyro_nsde.AffineControl` (or another
+        :class:`~pyro_nsde.controls.PerStepCoefficients` module, called with ``context`` and
+        ``params``), or the :class:`~pyro_nsde.controls.StepCoefficients` such a module
+        returns.
     :param init: the law of ``x_0`` under the posterior (default: the prior's ``init``).
     :param context: ``batch + (c,)`` (static) or ``batch + (K+1, c)`` (per step), passed to
         the control; ``context[..., k, :]`` goes with step ``k``.
@@ -53,6 +55,8 @@ class GirsanovEulerMaruyama(TorchDistribution):
     :param int checkpoint_every: trade compute for memory on long paths: simulate in blocks of
         this many steps under gradient checkpointing (see :func:`~pyro_nsde.euler_maruyama.
         simulate`).
+    :param torch.Tensor params: centred unconstrained parameters ``η - η̄`` that the
+        coefficients of a :class:`~pyro_nsde.controls.PerStepCoefficients` control depend on.
     :param bool compile_step: simulate with the Euler–Maruyama step compiled by
         :func:`torch.compile` (one fused graph for drift, diffusion, control and update; falls
         back to eager execution where compilation fails). Pays on long training runs only: the
@@ -84,6 +88,7 @@ class GirsanovEulerMaruyama(TorchDistribution):
         covariance: str | None = None,
         checkpoint_every: int | None = None,
         compile_step: bool = False,
+        params: torch.Tensor | None = None,
         validate_args=None,
     ):
         if not isinstance(prior, EulerMaruyama):
@@ -116,16 +121,13 @@ class GirsanovEulerMaruyama(TorchDistribution):
             raise ValueError(f"init must be a distribution or a tensor of shape (..., {d})")
         self.init = init
         batch = torch.broadcast_shapes(prior.batch_shape, init_batch)
-        if isinstance(control, AffineControl):
-            control = control()
-        if isinstance(control, AffineCoefficients):
-            if control.loc.shape[0] != num_steps or control.gain.shape[-1] != d:
-                raise ValueError(
-                    f"AffineControl must have num_steps={num_steps} and state_dim={d}, but "
-                    f"has num_steps={control.loc.shape[0]}, state_dim={control.gain.shape[-1]}"
-                )
+        if isinstance(control, PerStepCoefficients):
+            control = control(context, params)
+        elif params is not None:
+            raise ValueError("params are only used by per-step coefficient controls")
+        if isinstance(control, StepCoefficients):
+            self.control = control.bind(prior)
             batch = torch.broadcast_shapes(batch, control.batch_shape)
-            self.control = control
         elif callable(control):
             if context is not None:
                 if not isinstance(context, torch.Tensor) or context.dim() < 1:

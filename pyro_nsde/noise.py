@@ -94,6 +94,13 @@ def diffuse(noise_type: str, g: torch.Tensor, dw: torch.Tensor) -> torch.Tensor:
     return (g @ dw.unsqueeze(-1)).squeeze(-1)
 
 
+def as_matrix(noise_type: str, g: torch.Tensor) -> torch.Tensor:
+    """The diffusion as a ``(..., d, m)`` matrix, whatever its noise type."""
+    if noise_type == "diagonal":
+        return torch.diag_embed(g)
+    return g
+
+
 def add_diffused(noise_type: str, base: torch.Tensor, g: torch.Tensor, dw: torch.Tensor):
     """``base + G ΔW`` in one fused call where the noise type allows it."""
     if noise_type == "diagonal":
@@ -157,6 +164,14 @@ class DiffusionFactor:
         if m < d:
             return torch.cholesky_solve(g.transpose(-1, -2) @ col, self._chol).squeeze(-1)
         return torch.linalg.solve_triangular(self._chol, col, upper=False).squeeze(-1)
+
+    def solve(self, r: torch.Tensor) -> torch.Tensor:
+        """The minimum-norm noise ``u = G⁺ r`` ``(..., m)``: ``G u`` is the projection of the
+        state-space vector ``r`` ``(..., d)`` onto ``range(G)`` (``r`` itself if it is in it)."""
+        z = self.whiten(r)
+        if self.rows is None:
+            return z
+        return (self.rows.transpose(-1, -2) @ z.unsqueeze(-1)).squeeze(-1)
 
     def to_whitened(self, u: torch.Tensor, scale: torch.Tensor | None, covariance: str):
         """Map a noise-space law ``N(h u, h S Sᵀ)`` to whitened coordinates.
