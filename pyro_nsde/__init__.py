@@ -1,8 +1,9 @@
 """pyro-nsde: neural stochastic differential equations as Pyro models.
 
 Public API: the path law :class:`EulerMaruyama` and its Girsanov posterior
-:class:`GirsanovEulerMaruyama`, the guide :class:`GirsanovGuide`, the controls
-:class:`ControlNet` and :class:`AffineControl`, ArviZ conversion :func:`to_inference_data`,
+:class:`GirsanovEulerMaruyama` (and its Gauss–Markov form :class:`GaussMarkovEulerMaruyama`), the
+guide :class:`GirsanovGuide`, the controls :class:`ControlNet`, :class:`AffineControl` and
+:class:`LinearControl`, ArviZ conversion :func:`to_inference_data`,
 forecasting, diagnostics and checkpoints. Plots live in :mod:`pyro_nsde.plots`.
 """
 
@@ -13,12 +14,14 @@ from .diagnostics import VariationalDiagnostics, to_inference_data, variational_
 from .encoders import GRUEncoder
 from .euler_maruyama import EulerMaruyama
 from .forecast import forecast
+from .gauss_markov import GaussMarkovEulerMaruyama, LinearControl
 from .girsanov import GirsanovEulerMaruyama
 from .guide import GirsanovGuide
 from .nn import DiffusionNet, DriftNet, PosteriorDriftControl, TimeFeatures
 from .numerics import CheckedSVI, find_nonfinite_site
 from .predict import predictive_paths, solve_sde
 from .series import GriddedSeries, common_grid, series_grids
+from .training import fit_svi
 
 __version__ = "0.1.0"
 
@@ -30,14 +33,17 @@ __all__ = [
     "DriftNet",
     "EulerMaruyama",
     "GRUEncoder",
+    "GaussMarkovEulerMaruyama",
     "GirsanovEulerMaruyama",
     "GirsanovGuide",
     "GriddedSeries",
+    "LinearControl",
     "PosteriorDriftControl",
     "TimeFeatures",
     "VariationalDiagnostics",
     "common_grid",
     "find_nonfinite_site",
+    "fit_svi",
     "forecast",
     "load_checkpoint",
     "predictive_paths",

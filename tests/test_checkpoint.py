@@ -143,5 +143,5 @@ def test_loading_restores_parameters_without_optimizer_for_prediction(tmp_path):
     assert parameters().keys() == trained.keys()
     for name, value in parameters().items():
         assert torch.equal(value, trained[name]), name
-    loc = trained["GirsanovGuide.mean_field.locs.theta"]
+    loc = trained["GirsanovGuide.latent_guide.locs.theta"]
     assert torch.allclose(median["theta"], loc.exp())

@@ -55,8 +55,15 @@ def _plates(y, idx):
 
 def _build():
     """A fresh guide, ELBO and optimizer (the guide's initial values are random)."""
+    # init_path="prior": a shard's guide and the one-process reference on all series must be
+    # the same function of the same parameters (a Laplace fit is made only without
+    # subsampling, and would differ between them).
     guide = GirsanovGuide(
-        _model, control="affine", init_loc_fn=init_to_sample, create_plates=_plates
+        _model,
+        control="affine",
+        init_loc_fn=init_to_sample,
+        create_plates=_plates,
+        init_path="prior",
     )
     elbo = Trace_ELBO(num_particles=NUM_PARTICLES, vectorize_particles=True, max_plate_nesting=1)
     return guide, elbo, pyro.optim.Adam({"lr": 0.05})

@@ -44,8 +44,14 @@ NOISE_TYPES = {
 def random_affine_guide(problem, covariance="prior", estimator="girsanov", seed=0):
     """An affine ``GirsanovGuide`` with random coefficients, increment scales and ``q(x_0)``."""
     pyro.clear_param_store()
+    # init_path="prior": the control's parameters are the coefficients themselves, not
+    # corrections to a Laplace fit, so that the reference reads them as they are.
     guide = GirsanovGuide(
-        problem.model, control="affine", covariance=covariance, estimator=estimator
+        problem.model,
+        control="affine",
+        covariance=covariance,
+        estimator=estimator,
+        init_path="prior",
     )
     guide(problem.y)
     generator = torch.Generator().manual_seed(seed)

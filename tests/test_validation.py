@@ -755,7 +755,7 @@ def guide_data():
     return torch.zeros(N_SERIES, len(OBS))
 
 
-@pytest.mark.parametrize("control", ["linear", {"x": "linear"}])
+@pytest.mark.parametrize("control", ["quadratic", {"x": "quadratic"}])
 def test_guide_with_an_unknown_control_lists_the_allowed_ones(control):
     with raises(ValueError, "control", "'affine'", "'mlp'", "'linear'"):
         GirsanovGuide(series_model, control=control)

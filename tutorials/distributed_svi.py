@@ -125,7 +125,7 @@ def main(argv=None):
             start = time.perf_counter()
         loss = svi.step(y, idx)
         if rank == 0 and (step % 100 == 0 or step == args.num_steps - 1):
-            theta = math.exp(pyro.param("GirsanovGuide.mean_field.locs.theta").item())
+            theta = math.exp(pyro.param("GirsanovGuide.latent_guide.locs.theta").item())
             print(
                 f"step {step:4d}  loss / series {loss / num_series:9.3f}  θ {theta:.3f}", flush=True
             )
@@ -134,8 +134,8 @@ def main(argv=None):
     elapsed = time.perf_counter() - start
 
     if rank == 0:
-        loc = pyro.param("GirsanovGuide.mean_field.locs.theta").item()
-        scale = pyro.param("GirsanovGuide.mean_field.scales.theta").item()
+        loc = pyro.param("GirsanovGuide.latent_guide.locs.theta").item()
+        scale = pyro.param("GirsanovGuide.latent_guide.scales.theta").item()
         print(
             f"θ: median {math.exp(loc):.3f}, sd of log θ {scale:.3f} (simulated with {TRUE_THETA})"
         )
