@@ -30,6 +30,7 @@ and whose upper tail gives the Pareto shape ``k̂`` of Yao et al. (2018) (see
 
 import dataclasses
 import math
+import warnings
 
 import numpy as np
 import pyro
@@ -45,6 +46,7 @@ from pyro.poutine.util import prune_subsample_sites
 from . import _arviz
 from ._arviz import LOO, from_netcdf, loo, plot_ppc, plot_trace, summary, to_netcdf
 from .guide import unwrap_path_distribution
+from .importance import KHAT_THRESHOLD, importance_resample
 
 _DRAW_PLATE = "_pyro_nsde_draws"
 
@@ -178,6 +180,7 @@ class _Draws:
     num_chains: int
     sample_stats: dict
     diagnostics: VariationalDiagnostics | None = None
+    attrs: dict = dataclasses.field(default_factory=dict)
 
 
 def _plate_nesting(*traces) -> int:
@@ -262,7 +265,9 @@ def _log_joint(trace, plate_name: str) -> torch.Tensor:
     return plate_log_prob_sum(trace, trace.plate_to_symbol[plate_name]).reshape(-1)
 
 
-def _guide_draws(model, guide, args, kwargs, num_draws: int, num_chains: int = 1) -> _Draws:
+def _guide_draws(
+    model, guide, args, kwargs, num_draws: int, num_chains: int = 1, importance=None
+) -> _Draws:
     with torch.no_grad(), poutine.block():
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
         reference = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
@@ -274,13 +279,56 @@ def _guide_draws(model, guide, args, kwargs, num_draws: int, num_chains: int = 1
         )
     log_joint = plate_log_prob_sum(trace, trace.plate_to_symbol["num_particles_vectorized"])
     log_weights = log_weights.reshape(-1)
-    return _Draws(
+    draws = _Draws(
         trace=trace,
         sites=_describe(reference, nesting),
         num_draws=num_draws,
         num_chains=num_chains,
         sample_stats={"lp": log_joint.reshape(-1), "log_weight": log_weights},
         diagnostics=VariationalDiagnostics.from_log_weights(log_weights),
+    )
+    if importance is not None:
+        draws = _resampled(model, guide, draws, nesting, args, kwargs, importance)
+    return draws
+
+
+def _resampled(model, guide, draws: _Draws, nesting: int, args, kwargs, options) -> _Draws:
+    """Replace the guide's draws by importance-resampled ones (:func:`importance_resample`)
+    when their Pareto ``k̂`` is below :data:`KHAT_THRESHOLD`; else keep them and warn."""
+    result = importance_resample(
+        model,
+        guide,
+        *args,
+        num_samples=draws.num_draws,
+        max_plate_nesting=nesting,
+        **options,
+        **kwargs,
+    )
+    draws.attrs = {
+        "importance_pareto_k": result.pareto_k,
+        "importance_ess": result.ess,
+        "importance_resampled": int(result.reliable),
+    }
+    if not result.reliable:
+        warnings.warn(
+            f"importance resampling not applied: the Pareto k of its weights is "
+            f"{result.pareto_k:.2f} >= {KHAT_THRESHOLD} (the guide misses too much of the "
+            f"posterior for its draws to be corrected); the guide's own draws are returned",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        return draws
+    num = result.log_weights.numel()
+    samples = {
+        name: _per_draw(result.model_trace.nodes[name]["value"], num, site.pad, site.shape)[
+            result.indices
+        ]
+        for name, site in draws.sites.items()
+        if site.kind == "latent"
+    }
+    trace = _vectorized_trace(model, samples, draws.sites, draws.num_draws, nesting, args, kwargs)
+    return dataclasses.replace(
+        draws, trace=trace, sample_stats={"lp": _log_joint(trace, _DRAW_PLATE)}
     )
 
 
@@ -489,6 +537,7 @@ def to_inference_data(
     log_likelihood: bool = True,
     prior: bool = False,
     container: str | None = None,
+    importance_resampling: bool | dict = False,
 ):
     r"""Convert a fit of ``model`` to ArviZ.
 
@@ -537,6 +586,14 @@ def to_inference_data(
     :param bool prior: include ``prior`` and ``prior_predictive``.
     :param str container: ``"InferenceData"`` (ArviZ 0.x) or ``"DataTree"`` (ArviZ 1.x, or
         ``arviz-base`` with ArviZ 0.x); default: that of the installed ArviZ.
+    :param importance_resampling: with a guide, correct its draws towards the posterior by
+        importance resampling (:func:`~pyro_nsde.importance.importance_resample`: proposals
+        from the guide widened into Student-t laws, Pareto-smoothed weights): ``True``, or a
+        dict of its options (``num_proposals``, ``df``, ``inflate``). The draws are replaced
+        only if the weights' Pareto ``k̂`` is below 0.7, else the guide's own draws are kept
+        with a warning; ``sample_stats.attrs`` records ``importance_pareto_k``,
+        ``importance_ess`` and ``importance_resampled``. The ``log_weight`` statistic (of the
+        guide's own draws) is then left out, and ``lp`` is that of the returned draws.
     :returns: :class:`arviz.InferenceData` or :class:`xarray.DataTree`.
     """
     if (guide is None) == (mcmc is None) and not (guide is None and prior):
@@ -549,7 +606,17 @@ def to_inference_data(
     runs = []
     if guide is not None:
         num_draws = num_chains * num_samples
-        draws = _guide_draws(model, guide, model_args, kwargs, num_draws, num_chains)
+        importance = importance_resampling
+        if importance is True:
+            importance = {}
+        elif importance is False:
+            importance = None
+        elif not isinstance(importance, dict):
+            raise TypeError(
+                f"importance_resampling must be a bool or a dict of options, but got "
+                f"{importance_resampling!r}"
+            )
+        draws = _guide_draws(model, guide, model_args, kwargs, num_draws, num_chains, importance)
         runs.append(("posterior", draws))
     elif mcmc is not None:
         runs.append(("posterior", _mcmc_draws(model, mcmc, model_args, kwargs)))
@@ -564,7 +631,7 @@ def to_inference_data(
         masks.update(new_masks)
         sites.update(draws.sites)
         if draws.diagnostics is not None:
-            attrs["sample_stats"] = dataclasses.asdict(draws.diagnostics)
+            attrs["sample_stats"] = {**dataclasses.asdict(draws.diagnostics), **draws.attrs}
 
     default_dims, default_coords = _default_layout(sites)
     dims = {**default_dims, **(dims or {})}

@@ -431,7 +431,8 @@ def optimal_affine_guide(covariance, num_steps, noise, end_time=2.0):
 
     reference = LinearGaussianPath([[-1.0]], [0.0], [[SIGMA]], [0.0], [[1.0]], times)
     posterior = reference.observe([[1.0]], obs.tolist(), [[noise**2]], y)
-    guide = GirsanovGuide(model, control="affine", covariance=covariance)
+    # init_path="prior": the coefficients set below are the control itself.
+    guide = GirsanovGuide(model, control="affine", covariance=covariance, init_path="prior")
     guide(y)
     loc, gain, step_cov = step_noise_regressions(posterior)
     guide.controls.x.loc = loc
@@ -452,6 +453,18 @@ def test_exact_guide_has_constant_weights_equal_to_the_evidence():
     assert check.log_evidence == pytest.approx(posterior.log_py, abs=1e-6)
     assert check.ess == pytest.approx(1000, rel=1e-6)
     assert check.pareto_k < 0.5
+
+
+def test_default_affine_guide_starts_at_the_exact_posterior():
+    """Untrained, the default affine guide (Laplace initialization, Kalman-conditional path)
+    of a linear-Gaussian SDE with precise observations on a coarse grid is already the exact
+    posterior: every importance weight equals ``p(y)``."""
+    model, _, y, posterior = optimal_affine_guide("full", 10, noise=0.1)
+    pyro.clear_param_store()  # the same parameter names as the guide set up above
+    guide = GirsanovGuide(model, control="affine", covariance="full")
+    check = variational_diagnostics(model, guide, model_args=(y,), num_draws=1000)
+    assert check.elbo == pytest.approx(posterior.log_py, abs=1e-6)
+    assert check.ess == pytest.approx(1000, rel=1e-6)
 
 
 def test_mean_shift_guide_on_a_coarse_grid_is_flagged():
