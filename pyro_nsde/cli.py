@@ -30,21 +30,31 @@ from pathlib import Path
 import numpy as np
 import pyro
 import torch
-from pyro.infer import SVI, Trace_ELBO
-from tqdm.auto import tqdm
 
 from . import _arviz
 from .datasets import TimeSeries, lynx_hare, read_csv
 from .guide import GirsanovGuide
 from .models import LotkaVolterra, NeuralSDE, OrnsteinUhlenbeck
+from .training import fit_svi
 
 #: Posterior means of the Lotka–Volterra rates for the same data (per year, populations in
 #: thousands), from the deterministic-ODE model with lognormal errors fitted by NUTS in
 #: Carpenter (2018), "Predator-Prey Population Dynamics: the Lotka-Volterra model in Stan".
 PUBLISHED_RATES = {"alpha": 0.55, "beta": 0.028, "gamma": 0.80, "delta": 0.024}
 
+#: The guide of both commands: the affine control with a learned step covariance (the path
+#: posterior of a linear SDE is in the family; a learned diffusion cannot collapse into
+#: observation noise, docs/covariance.md), a full-rank normal over the rates and scales
+#: (their correlations with each other are strong), and the path's coefficients following
+#: the drawn parameters through a Kalman smoother of the model linearized at the
+#: posterior's mean path (``conditional="kalman"``, the default for the affine control).
+GUIDE_OPTIONS = {"control": "affine", "covariance": "full", "latents": "multivariate"}
+
+#: Proposals per draw of the importance resampling of the guide's draws.
+IMPORTANCE_PROPOSALS = 8
+
 #: Defaults of ``--steps`` and ``--samples``, and their values under ``PYRO_NSDE_FAST=1``.
-DEFAULT_STEPS = {"demo": 1000, "fit": 1500}
+DEFAULT_STEPS = {"demo": 500, "fit": 500}
 DEFAULT_SAMPLES = 1000
 FAST_STEPS, FAST_SAMPLES = 30, 100
 
@@ -61,37 +71,6 @@ def fast_mode() -> bool:
 
 
 # --------------------------------------------------------------------------- fitting
-
-
-def fit_svi(
-    model,
-    guide,
-    *args,
-    steps: int,
-    lr: float = 0.03,
-    final_lr: float = 0.003,
-    num_particles: int = 8,
-    progress: bool = True,
-) -> list[float]:
-    """Fit ``guide`` to ``model(*args)`` with SVI and a decaying learning rate.
-
-    ``ClippedAdam`` with the learning rate decaying geometrically from ``lr`` to ``final_lr``
-    over the run (so the last iterates settle), ``Trace_ELBO`` averaging ``num_particles``
-    vectorized draws, ``max_plate_nesting=2`` (the layout of :mod:`pyro_nsde.models`).
-
-    :returns: the loss (negative ELBO estimate) of every step.
-    """
-    decay = (final_lr / lr) ** (1.0 / max(steps, 1))
-    optim = pyro.optim.ClippedAdam({"lr": lr, "lrd": decay, "clip_norm": 10.0})
-    elbo = Trace_ELBO(num_particles=num_particles, vectorize_particles=True, max_plate_nesting=2)
-    svi = SVI(model, guide, optim, elbo)
-    losses = []
-    with tqdm(range(steps), desc="SVI", unit="step", disable=not progress) as bar:
-        for step in bar:
-            losses.append(svi.step(*args))
-            if step % 10 == 0 or step == steps - 1:
-                bar.set_postfix(elbo=f"{-np.mean(losses[-10:]):.2f}")
-    return losses
 
 
 def interval_coverage(draws: np.ndarray, observed: np.ndarray, level: float = 0.9) -> float:
@@ -203,11 +182,34 @@ def _fit_and_forecast(model, values, coords, future, args):
     from .diagnostics import to_inference_data
     from .forecast import forecast
 
-    guide = GirsanovGuide(model, control="affine")
-    losses = fit_svi(model, guide, values, steps=args.steps, progress=not args.quiet)
-    idata = to_inference_data(
-        model, guide=guide, model_args=(values,), num_samples=args.samples, coords=coords
+    options = dict(GUIDE_OPTIONS)
+    if isinstance(model, NeuralSDE):
+        # A neural drift is a model parameter, not a latent: there is no drawn θ for the path
+        # to follow, and a smoother per step over a long grid would dominate the run. The
+        # path's coefficients start at the Laplace fit and are re-fitted every 50 steps (a
+        # re-fit on a long grid costs as much as several steps).
+        options["conditional"] = None
+        options["refresh_every"] = 50
+    guide = GirsanovGuide(model, **options)
+    losses = fit_svi(
+        model, guide, values, steps=args.steps, max_plate_nesting=2, progress=not args.quiet
     )
+    idata = to_inference_data(
+        model,
+        guide=guide,
+        model_args=(values,),
+        num_samples=args.samples,
+        coords=coords,
+        importance_resampling={"num_proposals": IMPORTANCE_PROPOSALS * args.samples},
+    )
+    stats = _arviz.group(idata, "sample_stats").attrs
+    if not args.quiet:
+        state = "applied" if stats["importance_resampled"] else "not applied (k >= 0.7)"
+        print(
+            f"importance resampling {state}: Pareto k {stats['importance_pareto_k']:.2f}, "
+            f"effective sample size {stats['importance_ess']:.0f} of "
+            f"{IMPORTANCE_PROPOSALS * args.samples} proposals"
+        )
     return losses, idata, forecast(model, idata, future, model_args=(values,))
 
 
