@@ -295,6 +295,7 @@ class GirsanovGuide(AutoGuide):
         self.x0_locs = PyroModule()
         self.x0_scales = PyroModule()
         self.x0_heads = nn.ModuleDict()
+        self.x0_slopes = PyroModule()  # ∂ E[x_0] / ∂ η where q(x_0) follows the parameters
         self._context_per_step = {}
         self._modes, self._param_sites = {}, {}
         for name in self._path_sites:
@@ -304,7 +305,7 @@ class GirsanovGuide(AutoGuide):
                 self._modes[name] = "fixed"
             self._param_sites[name] = sites
             self._setup_site(name, context)
-        self._laplace_paths, self._laplace_bases = {}, {}
+        self._laplace_paths, self._laplace_bases, self._fit_centres = {}, {}, {}
         self._calls = 0
         self._path_batches = {
             name: unwrap_path_distribution(self.prototype_trace.nodes[name]["fn"])[0].batch_shape
@@ -456,6 +457,10 @@ class GirsanovGuide(AutoGuide):
                 constraint = scaled(dist.constraints.softplus_positive, step_scale)
                 param = PyroParam(scale, constraint, event_dim=1)
             deep_setattr(self.x0_scales, name, param)
+            if mode == "taylor" and param_dim:
+                slope = x0.new_zeros(x0.shape + (param_dim,))
+                real = scaled(dist.constraints.real, step_scale)
+                deep_setattr(self.x0_slopes, name, PyroParam(slope, real, event_dim=2))
         else:
             head = nn.Linear(context_dim, 2 * d).to(**like)
             nn.init.zeros_(head.weight)
@@ -502,6 +507,8 @@ class GirsanovGuide(AutoGuide):
             sites = self._param_sites[name] if control.param_dim else []
             size = 2 * control.param_dim + 1 if sites else 1
             batched, directions = self._perturbed(values, sites)
+            if sites:  # the coefficients are expanded about this point (see _params)
+                self._fit_centres[name] = {k: values[k].detach().clone() for k in sites}
             start = self._laplace_paths.get(name)
             prior = self.prior(name, batched, plates, *args, **kwargs)
             log_likelihood = _path_log_likelihood(self._raw_model[0], name, batched, args, kwargs)
@@ -529,7 +536,14 @@ class GirsanovGuide(AutoGuide):
                 self._rebase(control, "param_weight", weight, (name, "param_weight"))
             if isinstance(prior.init, torch.distributions.Distribution):
                 loc, scale = init_of(posterior, self.covariance == "full")
-                self._rebase_init(name, split(loc)[0], split(scale)[0])
+                loc = split(loc)
+                self._rebase_init(name, loc[0], split(scale)[0])
+                if sites:
+                    n = control.param_dim
+                    slope = ((loc[1 : n + 1] - loc[n + 1 :]) / directions).movedim(0, -1)
+                    parent, _, leaf = name.rpartition(".")
+                    module = attrgetter(parent)(self.x0_slopes) if parent else self.x0_slopes
+                    self._rebase(module, leaf, slope, (name, "x0_slope"))
             values[name] = split(path)[0]
 
     def _drop_fit(self, name):
@@ -667,7 +681,7 @@ class GirsanovGuide(AutoGuide):
                 context = context.index_select(dim, plate.indices.to(context.device))
         return context
 
-    def _init_posterior(self, name, prior, context, base=None):
+    def _init_posterior(self, name, prior, context, base=None, params=None):
         if not isinstance(prior.init, torch.distributions.Distribution):
             return None
         d = prior.state_dim
@@ -675,6 +689,9 @@ class GirsanovGuide(AutoGuide):
             loc = attrgetter(name)(self.x0_locs)
             scale = attrgetter(name)(self.x0_scales)
             full = scale.dim() > loc.dim()
+            if params is not None and self._modes[name] == "taylor":  # E[x_0] affine in η
+                slope = attrgetter(name)(self.x0_slopes)
+                loc = loc + (slope @ params[..., None]).squeeze(-1)
             if base is not None:  # corrections to the smoother's q(x_0 | θ)
                 loc = base["init_loc"] + loc
                 scale = base["init_scale"] @ scale if full else base["init_scale"] * scale
@@ -693,6 +710,9 @@ class GirsanovGuide(AutoGuide):
         sites = self._param_sites.get(name)
         if not sites:
             return None
+        # Centred at the point of the last Laplace fit, about which the coefficients and their
+        # slopes were expanded (the posterior medians move between refreshes).
+        centre = self._fit_centres.get(name, centre)
         pieces = []
         for site_name in sites:
             site = self.prototype_trace.nodes[site_name]
@@ -774,7 +794,7 @@ class GirsanovGuide(AutoGuide):
         site = self.prototype_trace.nodes[name]
         if context is not None:
             context = self._context_for(name, context, site, plates)
-        init = self._init_posterior(name, prior, context, base)
+        init = self._init_posterior(name, prior, context, base, params)
         control = attrgetter(name)(self.controls)
         if isinstance(control, PerStepCoefficients):
             control = control(context, params, base)
@@ -844,6 +864,7 @@ class GirsanovGuide(AutoGuide):
         return {
             "laplace_paths": dict(self._laplace_paths),
             "laplace_bases": dict(self._laplace_bases),
+            "fit_centres": dict(self._fit_centres),
             "calls": self._calls,
         }
 
@@ -854,6 +875,7 @@ class GirsanovGuide(AutoGuide):
             raise ValueError("the guide must be set up (called once) before its state is loaded")
         self._laplace_paths = dict(state["laplace_paths"])
         self._laplace_bases = dict(state["laplace_bases"])
+        self._fit_centres = dict(state.get("fit_centres", {}))
         self._calls = int(state["calls"])
 
     def forward(self, *args, **kwargs):
