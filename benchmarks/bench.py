@@ -32,18 +32,34 @@ grid is then exact and torchsde's fixed-step loop lands on the grid points witho
 - ``naive-pyro``: one ``pyro.sample`` site per step in the model and in the guide, the same
   nets, ``Trace_ELBO(num_particles=B, vectorize_particles=True)``.
 
+**Parallel in time** (issue 15; ``--parallel`` runs its grid, up to ``K = 10⁴``):
+
+- ``pyro-nsde-linear``: the ``pyro-nsde`` model with
+  ``GirsanovGuide(model, control="linear", covariance="full", init_path="prior")``: a
+  Gauss–Markov posterior (:class:`~pyro_nsde.GaussMarkovEulerMaruyama`, posterior drift
+  ``(a_k + B_k x) / sqrt(h)``, increment scale ``S_k``) sampled by the parallel scan
+  :func:`~pyro_nsde.gauss_markov.affine_scan`, one set of coefficients for the series, shared
+  by the ``B`` particles. Another variational family: its ELBO is not the plain loop's, so the
+  sanity check prints it without comparing.
+- ``pyro-nsde-linear-series``: the same guide on ``B`` series (``pyro.plate``, one particle
+  each, every series observing the same data), each with its own coefficients.
+- ``drift-floor``: not a method, one batched call of the drift MLP on all ``K·B`` states and
+  its backward: the floor of anything that evaluates the drift at every grid point.
+
 **What is reported.** Per configuration ``(K, B, d)``: the median (and interquartile range) of
 the wall time of single iterations after warm-up, taken round-robin over the implementations
 (the order alternates between rounds) so that load on the machine hits all of them alike; the
-ratio of medians to ``plain-loop``; and the peak memory of training, measured for each
-(implementation, configuration) in a fresh process (a forked child of a server that has only
-imported the libraries): on CPU the growth of the peak resident set (``VmHWM``) over the
-resident set before the first iteration, on CUDA ``torch.cuda.max_memory_allocated`` over the
-allocation before it. Before timing, a sanity check estimates each implementation's loss at
-the common initialization from many particles (no gradients) and compares the means with the
-plain loop's.
+ratio of medians to ``plain-loop`` and its inverse (the speed-up); and the peak memory of
+training, measured for each (implementation, configuration) in a fresh process (a forked child
+of a server that has only imported the libraries): on CPU the growth of the peak resident set
+(``VmHWM``) over the resident set before the first iteration, on CUDA
+``torch.cuda.max_memory_allocated`` over the allocation before it. Before timing, a sanity
+check estimates each implementation's loss at the common initialization from many particles
+(no gradients) and compares the means with the plain loop's (rows of another variational
+family are printed, not compared).
 
-Run ``python benchmarks/bench.py --help`` for the flags; ``--quick`` is a smoke run.
+Run ``python benchmarks/bench.py --help`` for the flags; ``--quick`` is a smoke run,
+``--parallel`` the grid of issue 15.
 """
 
 import argparse
@@ -81,6 +97,12 @@ LEARNING_RATE = 1e-3
 WIDTH = 64
 FULL_GRID = "100x16x1,100x16x8,100x512x1,100x512x8,1000x16x1,1000x16x8,1000x512x1,1000x512x8"
 QUICK_GRID = "20x8x2"
+#: ``--parallel`` (issue 15): the parallel-in-time rows against the sequential ones, up to
+#: K = 10⁴ (not at B = 512, where the sequential rows need ≈ 12 GB and ≈ 10 s an iteration).
+PARALLEL_GRID = ",".join(
+    f"{k}x{b}x{d}" for k in (100, 1000, 10000) for b in (16, 512) for d in (1, 8) if k * b < 5e6
+)
+PARALLEL_IMPLS = "plain-loop,pyro-nsde,pyro-nsde-linear,pyro-nsde-linear-series,drift-floor"
 FLOOR = "plain-loop"
 
 
@@ -181,8 +203,12 @@ class Implementation:
 
     ``step()`` takes one optimizer step and returns the loss (the negative ELBO estimate);
     ``estimate(n)`` returns the loss from ``n`` particles without gradients or updates;
-    ``active()`` is the context that every call runs in.
+    ``active()`` is the context that every call runs in. ``objective`` says what the sanity
+    check does with it: ``"same"`` (the plain loop's ELBO, compared), ``"other"`` (the ELBO of
+    another variational family, printed only) or ``None`` (no objective, left out).
     """
+
+    objective = "same"
 
     def __init__(self, problem: Problem, particles: int):
         self.problem = problem
@@ -438,6 +464,96 @@ class TorchSDE(_TorchImplementation):
         return (kl - p.log_likelihood(ys[self.obs_rows])).mean()
 
 
+class PyroNSDELinear(PyroNSDE):
+    """Parallel in time (issue 15): the same model, ``GirsanovGuide(model, control="linear",
+    covariance="full", init_path="prior")``, a :class:`~pyro_nsde.GaussMarkovEulerMaruyama`
+    path sampled by :func:`~pyro_nsde.gauss_markov.affine_scan` (no loop over steps; the
+    drift is evaluated once, on all ``K·B`` states, for ``log p`` and the KL). One set of
+    coefficients ``(a_k, B_k, S_k)`` for the one series, shared by the ``B`` particles.
+    ``init_path="prior"`` skips the Laplace fit at setup: the timed step is the SVI step."""
+
+    objective = "other"  # another variational family: its ELBO at the start differs
+
+    def make_control(self) -> nn.Module:
+        return nn.Identity()  # unused: the guide owns its LinearControl
+
+    def make_guide(self) -> GirsanovGuide:
+        return GirsanovGuide(self.model, control="linear", covariance="full", init_path="prior")
+
+
+class PyroNSDELinearSeries(PyroNSDELinear):
+    """The same guide on ``B`` *series* instead of ``B`` particles of one: the path under
+    ``pyro.plate("series", B)``, each series with its own coefficients ``(K, B, ...)`` (the
+    guide's parameters grow with ``B``), one particle per series,
+    ``Trace_ELBO(max_plate_nesting=1)``. Every series sees the observations of the problem,
+    so the data and the drift calls are those of the other rows; the reported loss is per
+    series."""
+
+    def __init__(self, problem, particles):
+        self.series = particles
+        self.x0 = problem.x0.expand(particles, -1)
+        self.y = problem.y.expand(particles, -1, -1)
+        super().__init__(problem, particles)
+
+    def elbo(self, particles: int) -> Trace_ELBO:
+        draws = max(1, particles // self.series)
+        return Trace_ELBO(num_particles=draws, vectorize_particles=True, max_plate_nesting=1)
+
+    def step(self) -> float:
+        return self.svi.step() / self.series
+
+    def estimate(self, particles: int) -> float:
+        return super().estimate(particles) / self.series
+
+    def model(self):
+        p = self.problem
+        pyro.module("drift", self.drift)
+        with pyro.plate("series", self.series, dim=-1):
+            x = pyro.sample("x", EulerMaruyama(self.drift, p.sigma, self.x0, p.times))
+            obs = x[..., p.obs_steps, :]
+            pyro.sample("y", dist.Normal(obs, OBS_SCALE).to_event(2), obs=self.y)
+
+
+class DriftFloor(Implementation):
+    """Not a method: ONE batched call of the drift MLP on all ``K·B`` states ``(K, B, d)``
+    and its backward (to the weights and to the states), no optimizer step. The floor of any
+    method that evaluates the drift at every grid point (``log p`` of the path), so the
+    ceiling of a parallel-in-time speed-up."""
+
+    objective = None  # no ELBO
+
+    def __init__(self, problem, particles):
+        super().__init__(problem, particles)
+        config, device = problem.config, problem.x0.device
+        shape = (config.steps, particles, config.dim)
+        generator = torch.Generator().manual_seed(1)
+        self.states = torch.randn(shape, generator=generator).to(device).requires_grad_()
+        self.grad = torch.randn(shape, generator=generator).to(device)
+        self.t = problem.times[:-1].reshape(-1, 1, 1)
+
+    def make_control(self) -> nn.Module:
+        return nn.Identity()
+
+    def _zero(self) -> None:
+        self.states.grad = None
+        self.drift.zero_grad(set_to_none=True)
+
+    def step(self) -> float:
+        self._zero()
+        out = self.drift(self.t, self.states)
+        out.backward(self.grad)
+        return 0.0
+
+    def phases(self) -> tuple:
+        """``(forward, backward, 0)``: there is no optimizer step."""
+        self._zero()
+        start = time.perf_counter()
+        out = self.drift(self.t, self.states)
+        forward = time.perf_counter()
+        out.backward(self.grad)
+        return forward - start, time.perf_counter() - forward, 0.0
+
+
 IMPLEMENTATIONS = {
     "plain-loop": PlainLoop,
     "pyro-nsde": PyroNSDE,
@@ -446,6 +562,9 @@ IMPLEMENTATIONS = {
     "pyro-nsde-full": PyroNSDEFull,
     "torchsde": TorchSDE,
     "naive-pyro": NaivePyro,
+    "pyro-nsde-linear": PyroNSDELinear,
+    "pyro-nsde-linear-series": PyroNSDELinearSeries,
+    "drift-floor": DriftFloor,
 }
 
 
@@ -494,15 +613,23 @@ def sanity_check(impls: dict, particles: int, repeats: int) -> list:
     """
     stats = {}
     for name, impl in impls.items():
+        if impl.objective is None:
+            continue
         with impl.active():
             values = [impl.estimate(particles) for _ in range(repeats)]
         stats[name] = statistics.fmean(values), statistics.stdev(values) / math.sqrt(repeats)
     ref_mean, ref_se = stats[FLOOR]
     lines, bad = [], []
     for name, (mean, se) in stats.items():
+        line = f"  {name:<24} loss {mean:10.4f} ± {se:.4f}"
+        if impls[name].objective != "same":
+            lines.append(f"{line}   (another variational family: not compared)")
+            if not math.isfinite(mean):
+                bad.append(name)
+            continue
         z = (mean - ref_mean) / math.hypot(se, ref_se) if name != FLOOR else 0.0
-        lines.append(f"  {name:<20} loss {mean:10.4f} ± {se:.4f}   z vs {FLOOR} {z:+.2f}")
-        if abs(z) > 4:
+        lines.append(f"{line}   z vs {FLOOR} {z:+.2f}")
+        if abs(z) > 4 or not math.isfinite(z):
             bad.append(name)
     total = particles * repeats
     if bad:
@@ -625,17 +752,25 @@ def breakdown(impls: dict, warmup: int, steps: int) -> list:
     return lines
 
 
+def _speed_up(ratio: float) -> str:
+    """``1 / ratio`` as ``12.3×`` (or ``0.87×`` below 10)."""
+    return f"{1 / ratio:.2f}×" if 1 / ratio < 10 else f"{1 / ratio:.1f}×"
+
+
 def format_table(rows: list) -> str:
+    """The results as a Markdown table; ``speed-up`` is the plain loop's median over the row's
+    (``× plain loop`` its inverse)."""
     header = (
-        "| K | B | d | implementation | median ms/iter | IQR ms | × plain loop | peak MB |\n"
-        "|---:|---:|---:|---|---:|---:|---:|---:|"
+        "| K | B | d | implementation | median ms/iter | IQR ms | × plain loop | speed-up "
+        "| peak MB |\n"
+        "|---:|---:|---:|---|---:|---:|---:|---:|---:|"
     )
     lines = [header]
     for row in rows:
         memory = "–" if row["memory"] is None else f"{row['memory']:.1f}"
         lines.append(
             f"| {row['K']} | {row['B']} | {row['d']} | {row['name']} | {row['median']:.1f} "
-            f"| {row['iqr']:.1f} | {row['ratio']:.2f} | {memory} |"
+            f"| {row['iqr']:.1f} | {row['ratio']:.2f} | {_speed_up(row['ratio'])} | {memory} |"
         )
     return "\n".join(lines)
 
@@ -650,7 +785,9 @@ QUICK = dict(
     sanity_repeats=4,
     threads=1,
 )
+PARALLEL = dict(configs=PARALLEL_GRID, impls=PARALLEL_IMPLS, steps=1, repeats=5, warmup=1)
 DEFAULTS = dict(
+    impls=",".join(IMPLEMENTATIONS),
     configs=FULL_GRID,
     steps=5,
     repeats=5,
@@ -665,7 +802,7 @@ DEFAULTS = dict(
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--configs", help=f"comma-separated KxBxd (default {FULL_GRID})")
-    parser.add_argument("--impls", default=",".join(IMPLEMENTATIONS), help="comma-separated")
+    parser.add_argument("--impls", help="comma-separated (default: all)")
     parser.add_argument("--steps", type=int, help="timed iterations per round (default 5)")
     parser.add_argument("--repeats", type=int, help="rounds over implementations (default 5)")
     parser.add_argument("--warmup", type=int, help="untimed iterations first (default 3)")
@@ -683,9 +820,16 @@ def parse_args(argv=None):
         action="store_true",
         help="time forward, backward and optimizer of each implementation on the first config",
     )
+    parser.add_argument(
+        "--parallel",
+        action="store_true",
+        help=f"issue 15's grid, parallel-in-time rows against the sequential ones: defaults "
+        f"become {PARALLEL} (with --quick, only the implementations)",
+    )
     parser.add_argument("--quick", action="store_true", help=f"smoke run: defaults become {QUICK}")
     args = parser.parse_args(argv)
-    for key, value in (QUICK if args.quick else DEFAULTS).items():
+    presets = DEFAULTS | (PARALLEL if args.parallel else {}) | (QUICK if args.quick else {})
+    for key, value in presets.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.steps * args.repeats < 2:
@@ -754,7 +898,8 @@ def main(argv=None):
             row.update(median=median, iqr=q3 - q1, ratio=median / floor, memory=memory)
             rows.append(row)
             print(
-                f"  {config}  {name:<20} {median:9.1f} ms  ×{median / floor:.2f}  "
+                f"  {config}  {name:<24} {median:9.1f} ms  ×{median / floor:.2f}  "
+                f"speed-up {_speed_up(median / floor)}  "
                 f"peak {'–' if memory is None else f'{memory:.1f} MB'}",
                 flush=True,
             )

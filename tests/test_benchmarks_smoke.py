@@ -1,10 +1,12 @@
-"""The benchmark scripts run end to end (tiny sizes) and print what issue 6 asks for.
+"""The benchmark scripts run end to end (tiny sizes) and print what issues 6 and 15 ask for.
 
-No timing is asserted: only that every implementation is timed, that their objectives agree
-at a common initialization (the script's sanity check against the plain PyTorch loop), and
-that memory is reported.
+No timing is asserted: only that every implementation is timed (the parallel-in-time rows of
+issue 15 included), that the objectives of the sequential ones agree at a common
+initialization (the script's sanity check against the plain PyTorch loop), and that memory
+is reported.
 """
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -19,6 +21,9 @@ IMPLEMENTATIONS = [
     "pyro-nsde-full",
     "torchsde",
     "naive-pyro",
+    "pyro-nsde-linear",
+    "pyro-nsde-linear-series",
+    "drift-floor",
 ]
 
 
@@ -43,21 +48,50 @@ def table_rows(output, prefix):
 
 def test_bench_quick_times_every_implementation_on_one_objective():
     output = run_script("bench.py", "--quick", "--breakdown")
-    assert "| K | B | d | implementation | median ms/iter | IQR ms | × plain loop | peak MB |" in (
-        output
-    )
+    assert (
+        "| K | B | d | implementation | median ms/iter | IQR ms | × plain loop | speed-up "
+        "| peak MB |"
+    ) in output
     rows = table_rows(output, "| 20 | 8 | 2 |")
     assert [row[3] for row in rows] == IMPLEMENTATIONS
-    for _, _, _, name, median, iqr, ratio, memory in rows:
+    for _, _, _, name, median, iqr, ratio, speed_up, memory in rows:
         assert float(median) > 0 and float(iqr) >= 0 and float(ratio) > 0, name
+        assert abs(float(speed_up.rstrip("×")) * float(ratio) - 1) < 0.1, name
         assert float(memory) >= 0, name
-    assert rows[0][6] == "1.00"
+    assert rows[0][6] == "1.00" and rows[0][7] == "1.00×"
     assert "sanity: all objectives agree with plain-loop" in output
-    phases = table_rows(output, "| plain-loop |") + table_rows(output, "| pyro-nsde |")
-    assert len(phases) == 2  # the --breakdown table has a row per implementation
+    # the Gauss–Markov guides have an ELBO of their own (printed, not compared); the floor none
+    for name in ("pyro-nsde-linear", "pyro-nsde-linear-series"):
+        assert any(
+            line.split()[:1] == [name] and "another variational family" in line
+            for line in output.splitlines()
+        ), name
+    assert not any(line.split()[:1] == ["drift-floor"] for line in output.splitlines())
+    phases = [row for name in IMPLEMENTATIONS for row in table_rows(output, f"| {name} |")]
+    assert len(phases) == len(IMPLEMENTATIONS)  # the --breakdown table: a row per implementation
     for _, forward, backward, optimizer, total in phases:
         assert min(float(forward), float(backward), float(optimizer)) >= 0
         assert abs(float(forward) + float(backward) + float(optimizer) - float(total)) < 0.2
+
+
+def test_bench_parallel_preset_is_issue_15s_grid():
+    spec = importlib.util.spec_from_file_location("bench", BENCHMARKS / "bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    args = bench.parse_args(["--parallel"])
+    assert args.impls == [
+        "plain-loop",
+        "pyro-nsde",
+        "pyro-nsde-linear",
+        "pyro-nsde-linear-series",
+        "drift-floor",
+    ]
+    configs = {str(config) for config in args.configs}
+    assert {"1000x16x1", "1000x512x8", "10000x16x1", "10000x16x8"} <= configs
+    assert not any(config.steps == 10000 and config.paths == 512 for config in args.configs)
+    quick = bench.parse_args(["--parallel", "--quick", "--threads", "2"])
+    assert [str(config) for config in quick.configs] == [bench.QUICK_GRID]
+    assert quick.impls == args.impls and quick.threads == 2
 
 
 def test_memory_script_reports_default_and_checkpointed_rows():
