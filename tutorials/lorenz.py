@@ -15,8 +15,16 @@ learned linear map to the 3 observed coordinates:
     ``z_0 ~ N(m, diag(s²))``,  ``dz = f(z) dt + g(z) ⊙ dW``,  ``y_j ~ N(W z(t_j) + b, 0.01²)``.
 
 The guide is amortized: a GRU run backward over each series
-(:class:`~pyro_nsde.encoders.GRUEncoder`) gives a context per grid point, and a
-:class:`~pyro_nsde.nn.PosteriorDriftControl` the posterior drift and a learned diagonal
+(:class:`~pyro_nsde.encoders.GRUEncoder`) gives a context per grid point. By default
+(``--guide linear``) the context gives the coefficients of a posterior drift affine in the
+state, ``a_k + B_k z``, and a diagonal step scale (``GirsanovGuide(control="linear")``, the
+Gauss–Markov family): the path is sampled by a parallel scan and the drift and diffusion
+networks are evaluated once over all grid points. In the fast configuration (64 series) it
+trained at 0.06 s a step against 0.26 s for the sequential guide, and in the same wall time
+(1600 against 400 steps, about 100 s) reached an ELBO of 1942 against −214449, a forecast RMSE
+of 0.336 against 0.346 and a 90 % band coverage of 0.72 against 0.39 (one run each, seed 0,
+shared 2-core machine; the full size was not re-run with it). With ``--guide sequential`` a
+:class:`~pyro_nsde.nn.PosteriorDriftControl` gives the posterior drift and a learned diagonal
 increment covariance (``covariance="diagonal"``: with observations this precise the pure mean
 shift would pull the learned diffusion down, see ``docs/neural_sdes.md``; in the fast run with
 400 steps it gives a better ELBO and twice the forecast band coverage). Settings follow
@@ -33,6 +41,7 @@ Run::
 
     python tutorials/lorenz.py --out tutorial_outputs [--steps 5000]
     PYRO_NSDE_FAST=1 python tutorials/lorenz.py --out /tmp/lorenz   # a quick run (CI)
+    python tutorials/lorenz.py --guide sequential   # the step-by-step neural control
 
 Writes ``lorenz_samples.png`` (data and paths sampled from the learned SDE, in 3-D),
 ``lorenz_forecast.png`` (posterior paths and forecasts of a few series), ``lorenz_elbo.png``
@@ -168,7 +177,7 @@ def plot_forecast(times, y, fit_times, fitted, future_times, future, path, serie
     plt.close(fig)
 
 
-def main(out: pathlib.Path, steps: int | None = None, seed: int = 0):
+def main(out: pathlib.Path, steps: int | None = None, seed: int = 0, guide_kind="linear"):
     out.mkdir(parents=True, exist_ok=True)
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
@@ -187,10 +196,16 @@ def main(out: pathlib.Path, steps: int | None = None, seed: int = 0):
     }
     model = make_model(modules, cfg["series"])
     drift, diffusion = modules["drift"], modules["diffusion"]
-    control = PosteriorDriftControl(
-        drift, diffusion, LATENT, context, (hidden, hidden), covariance="diagonal"
-    )
-    guide = GirsanovGuide(model, control=control, encoder=GRUEncoder(3, context, hidden))
+    encoder = GRUEncoder(3, context, hidden)
+    if guide_kind == "linear":
+        # The parallel-in-time family: posterior drift a_k + B_k z and a diagonal step scale,
+        # all from the encoder's context; the path is sampled by a scan, no loop over steps.
+        guide = GirsanovGuide(model, control="linear", covariance="diagonal", encoder=encoder)
+    else:
+        control = PosteriorDriftControl(
+            drift, diffusion, LATENT, context, (hidden, hidden), covariance="diagonal"
+        )
+        guide = GirsanovGuide(model, control=control, encoder=encoder)
 
     def annealed_guide(data, kl_scale=1.0):
         with poutine.scale(scale=kl_scale):
@@ -260,6 +275,7 @@ def main(out: pathlib.Path, steps: int | None = None, seed: int = 0):
     plt.close(fig)
     summary = {
         "fast": FAST,
+        "guide": guide_kind,
         "series": data.num_series,
         "grid_steps": data.num_steps,
         "svi_steps": steps,
@@ -279,5 +295,12 @@ if __name__ == "__main__":
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("tutorial_outputs"))
     parser.add_argument("--steps", type=int, default=None, help="SVI steps (default 5000)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--guide",
+        choices=("linear", "sequential"),
+        default="linear",
+        help="linear (default): the Gauss–Markov family (control='linear'), sampled in "
+        "parallel in time; sequential: a PosteriorDriftControl network simulated step by step",
+    )
     args = parser.parse_args()
-    main(args.out, args.steps, args.seed)
+    main(args.out, args.steps, args.seed, args.guide)
