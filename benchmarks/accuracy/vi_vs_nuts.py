@@ -204,9 +204,10 @@ def print_table(problem: str, rows: list[Row], fit: VIFit) -> None:
     svi = "" if fit.svi_cpu_s is None else f" (SVI loop {fit.svi_cpu_s:.0f} s)"
     print(
         f"\n{problem}: fit {fit.wall_s:.0f} s wall, {fit.cpu_s:.0f} s CPU{svi}; "
-        f"{sum(row.passed for row in rows)}/{len(rows)} elements pass"
+        f"{sum(row.passed for row in rows)}/{len(rows)} elements pass "
+        f"(reference: {REFERENCE_ENTRY[problem]})"
     )
-    print("| parameter | VI mean ± sd | NUTS mean ± sd | abs(Δmean)/sd_NUTS | sd ratio | |")
+    print("| parameter | VI mean ± sd | reference mean ± sd | abs(Δmean)/sd_ref | sd ratio | |")
     print("|---|---|---|---|---|---|")
     for row in rows:
         print(
