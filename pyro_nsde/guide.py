@@ -641,6 +641,23 @@ class GirsanovGuide(AutoGuide):
         data = dict(values)
         for plate_name, plate in plates.items():
             data[plate_name] = plate.indices
+        try:
+            site = self._run_to_site(name, data, args, kwargs)
+        except Exception as error:
+            # The guide's subsample indices may not fit the model's plates (data of another
+            # size than the guide was built on): say so if that is the cause.
+            try:
+                site = self._run_to_site(name, dict(values), args, kwargs)
+            except Exception:
+                raise error from None
+            self._check_plates(name, site, plates)
+            raise
+        self._check_plates(name, site, plates)
+        prior, _ = unwrap_path_distribution(site["fn"])
+        return prior
+
+    def _run_to_site(self, name, data, args, kwargs) -> dict:
+        """The model's site ``name`` from a blocked run conditioned on ``data``, stopped there."""
         model = poutine.condition(self._raw_model[0], data=data)
         model = poutine.escape(model, escape_fn=lambda msg: msg["name"] == name)
         try:
@@ -648,10 +665,7 @@ class GirsanovGuide(AutoGuide):
         except NonlocalExit as site_container:
             # The handlers inside have popped themselves; do not reset_stack(), which would
             # also reset the caller's handlers (e.g. clear the trace recording this guide).
-            site = site_container.site
-            self._check_plates(name, site, plates)
-            prior, _ = unwrap_path_distribution(site["fn"])
-            return prior
+            return site_container.site
         raise RuntimeError(f"the model did not reach path site {name!r} on this call")
 
     def _check_plates(self, name, site, plates):
@@ -888,9 +902,11 @@ class GirsanovGuide(AutoGuide):
                 self.refresh(*args, **kwargs)
         plates = self._create_plates(*args, **kwargs)
         values, centre = self._latent_values(args, kwargs)
-        context = self._encode(plates, args, kwargs)
+        context, encoded = None, False
         for name in self._path_sites:
             prior = self.prior(name, values, plates, *args, **kwargs)
+            if not encoded:  # after the model's plates are checked against the guide's
+                context, encoded = self._encode(plates, args, kwargs), True
             params = self._params(name, values, centre, len(prior.batch_shape))
             base = None
             if self._modes[name] == "kalman":
@@ -912,9 +928,11 @@ class GirsanovGuide(AutoGuide):
         plates = self._create_plates(*args, **kwargs)
         values, centre = self._latent_values(args, kwargs, median=True)
         with poutine.block():
-            context = self._encode(plates, args, kwargs)
+            context, encoded = None, False
             for name in self._path_sites:
                 prior = self.prior(name, values, plates, *args, **kwargs)
+                if not encoded:
+                    context, encoded = self._encode(plates, args, kwargs), True
                 params = self._params(name, values, centre, len(prior.batch_shape))
                 base = None
                 if self._modes[name] == "kalman":

@@ -986,3 +986,45 @@ def test_checked_svi_follows_the_same_trajectory_as_svi():
         svi = cls(series_model, guide, pyro.optim.Adam({"lr": 0.05}), elbo)
         losses.append([svi.step(guide_data()) for _ in range(3)])
     assert losses[0] == losses[1]
+
+
+def _gridded(num):
+    from pyro_nsde.series import GriddedSeries
+
+    generator = torch.Generator().manual_seed(num)
+    times = torch.linspace(0.0, 1.0, 6)
+    values = torch.randn(num, 6, 1, generator=generator)
+    return GriddedSeries(times, values, torch.ones(num, 6, 1, dtype=torch.bool))
+
+
+def _minibatch_model(data, subsample_size=None):
+    with pyro.plate("series", data.num_series, subsample_size=subsample_size, dim=-1):
+        batch = data.subsample()
+        x = pyro.sample(
+            "x", EulerMaruyama(lambda t, x: -x, torch.tensor([0.5]), torch.zeros(1), batch.times)
+        )
+        pyro.sample("y", dist.Normal(x, 0.1).to_event(2), obs=batch.values)
+
+
+def test_amortized_guide_on_data_of_another_size_names_create_plates():
+    from pyro_nsde import GRUEncoder
+
+    train, test = _gridded(8), _gridded(5)
+    guide = GirsanovGuide(_minibatch_model, control="mlp", encoder=GRUEncoder(1, 4, 8))
+    Trace_ELBO().loss(_minibatch_model, guide, train, 4)
+    with raises(ValueError, "plate 'series'", "create_plates", "pyro.plate('series'"):
+        Trace_ELBO().loss(_minibatch_model, guide, test)
+
+
+def test_amortized_guide_with_create_plates_follows_the_data():
+    from pyro_nsde import GRUEncoder
+
+    def plates(data, subsample_size=None):
+        return pyro.plate("series", data.num_series, subsample_size=subsample_size, dim=-1)
+
+    train, test = _gridded(8), _gridded(5)
+    guide = GirsanovGuide(
+        _minibatch_model, control="mlp", encoder=GRUEncoder(1, 4, 8), create_plates=plates
+    )
+    Trace_ELBO().loss(_minibatch_model, guide, train, 4)
+    assert math.isfinite(Trace_ELBO().loss(_minibatch_model, guide, test))
