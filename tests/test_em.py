@@ -114,7 +114,8 @@ def test_mean_shift_guide_reaches_its_own_optimum():
     process_var, obs_var = mean_shift_optimum(y)
     model = local_level_model(y.float())
     guide = GirsanovGuide(model, control="affine")
-    fit_svi(model, guide, y.float(), steps=600, warmup=0, progress=False)
+    with pytest.warns(UserWarning, match="covariance='prior'"):
+        fit_svi(model, guide, y.float(), steps=600, warmup=0, progress=False)
     sigma2 = pyro.param("sigma").item() ** 2
     tau2 = pyro.param("tau").item() ** 2
     assert sigma2 == pytest.approx(float(process_var), rel=0.10)
