@@ -86,11 +86,12 @@ def test_full_covariance_reaches_log_evidence_with_rank_deficient_diffusion():
     """Position–velocity oscillator, noise on the velocity only (``G`` is ``(2, 1)``), precise
     position observations: the mean shift stays 0.75 nats below; ``"full"`` (whose ``q(x_0)``
     is a full-rank normal) reaches ``log p(y)`` within 0.05 nats and the smoother's marginals
-    (within 0.15 sd and 7.5 %; see the mean-shift version in ``test_guide.py`` for why precise
-    observations need long runs)."""
+    (within 0.15 sd and 7.5 %) in 500 steps: from the Laplace start (the exact posterior here)
+    SVI must not drift away. From the prior this took 5000 steps of 64 particles before issue
+    14."""
     problem = PRECISE_OSCILLATOR
     post = problem.posterior
-    trained = train_and_measure(problem, steps=5000, num_particles=64, decay=0.1, covariance="full")
+    trained = train_and_measure(problem, steps=500, num_particles=16, decay=0.1, covariance="full")
     assert post.mean_shift_gap() > 0.7
     assert mean_field_init_gap(post) > 0.4  # what a diagonal q(x_0) would still lose
     assert abs(trained.elbo.mean - post.log_py) < 0.05 + 3 * trained.elbo.stderr
