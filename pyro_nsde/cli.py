@@ -176,8 +176,10 @@ def _forecast_times(last: float, horizon: float, step: float) -> torch.Tensor:
 
 
 def _fit_and_forecast(model, values, coords, future, args):
-    """Fit ``model`` to ``values`` with an affine ``GirsanovGuide``, convert the posterior to
-    ArviZ and forecast the path at ``future`` times: ``(losses, idata, forecast path)``."""
+    """Fit ``model`` to ``values`` with the ``GirsanovGuide`` of :data:`GUIDE_OPTIONS` and
+    :func:`~pyro_nsde.fit_svi`, convert the posterior to ArviZ (importance-resampled where its
+    Pareto ``k̂`` allows) and forecast the path at ``future`` times: ``(losses, idata,
+    forecast path)``."""
     # Imported here, not at the top: ArviZ and xarray are slow to import and --help needs neither.
     from .diagnostics import to_inference_data
     from .forecast import forecast
