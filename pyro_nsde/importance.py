@@ -138,6 +138,11 @@ class ImportanceDraws:
 
     @property
     def reliable(self) -> bool:
+        """``k̂ < 0.7``; a ``k̂`` of ``nan`` (no tail to fit: the weights are all equal, as for an
+        exact guide) counts as reliable when the effective sample size is over half the
+        proposals."""
+        if math.isnan(self.pareto_k):
+            return self.ess > 0.5 * self.log_weights.numel()
         return self.pareto_k < KHAT_THRESHOLD
 
 

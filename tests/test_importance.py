@@ -4,6 +4,7 @@ import math
 
 import pyro
 import pyro.distributions as dist
+import pytest
 import torch
 from pyro.infer.autoguide import AutoMultivariateNormal, AutoNormal
 
@@ -98,3 +99,45 @@ def test_systematic_resampling_follows_the_weights():
     indices = systematic_resample(weights, 8000, generator=torch.Generator().manual_seed(1))
     counts = torch.bincount(indices, minlength=4).double() / 8000
     assert torch.allclose(counts, weights, atol=1e-3)
+
+
+def test_to_inference_data_resamples_only_when_k_hat_allows(recwarn):
+    from pyro_nsde import to_inference_data
+    from pyro_nsde._arviz import group
+
+    poor = AutoMultivariateNormal(_model, init_scale=0.05)
+    poor()
+    with pytest.warns(RuntimeWarning, match="importance resampling not applied"):
+        idata = to_inference_data(
+            _model, guide=poor, num_samples=500, importance_resampling={"num_proposals": 4000}
+        )
+    attrs = group(idata, "sample_stats").attrs
+    assert attrs["importance_pareto_k"] > 0.7 and attrs["importance_resampled"] == 0
+    assert "log_weight" in group(idata, "sample_stats")
+
+
+def test_to_inference_data_resamples_the_draws_of_a_good_guide():
+    from test_diagnostics import optimal_affine_guide
+
+    from pyro_nsde import GirsanovGuide, to_inference_data
+    from pyro_nsde._arviz import group
+
+    model, _, y, _ = optimal_affine_guide("full", 10, noise=0.1)
+    pyro.clear_param_store()
+    guide = GirsanovGuide(model, control="affine", covariance="full")  # exact from the start
+    idata = to_inference_data(
+        model, guide=guide, model_args=(y,), num_samples=300, importance_resampling=True
+    )
+    stats = group(idata, "sample_stats")
+    assert stats.attrs["importance_resampled"] == 1
+    assert stats.attrs["importance_ess"] > 0.99 * 4 * 300  # 4 proposals per draw by default
+    assert "log_weight" not in stats and stats["lp"].shape == (1, 300)
+    assert group(idata, "posterior")["x"].shape[:2] == (1, 300)
+
+
+def test_equal_weights_of_an_exact_guide_count_as_reliable():
+    from pyro_nsde.importance import ImportanceDraws
+
+    weights, khat = psis_weights(torch.zeros(1000))
+    draws = ImportanceDraws(None, torch.zeros(1000), weights, torch.arange(10), khat, 1000.0)
+    assert math.isnan(draws.pareto_k) and draws.reliable
