@@ -507,8 +507,6 @@ class GirsanovGuide(AutoGuide):
             sites = self._param_sites[name] if control.param_dim else []
             size = 2 * control.param_dim + 1 if sites else 1
             batched, directions = self._perturbed(values, sites)
-            if sites:  # the coefficients are expanded about this point (see _params)
-                self._fit_centres[name] = {k: values[k].detach().clone() for k in sites}
             start = self._laplace_paths.get(name)
             prior = self.prior(name, batched, plates, *args, **kwargs)
             log_likelihood = _path_log_likelihood(self._raw_model[0], name, batched, args, kwargs)
@@ -517,6 +515,8 @@ class GirsanovGuide(AutoGuide):
                 self._drop_fit(name)
                 continue
             self._laplace_paths[name] = path
+            if sites:  # the coefficients are expanded about this point (see _params)
+                self._fit_centres[name] = {k: values[k].detach().clone() for k in sites}
             if self._modes[name] == "kalman":  # the smoother runs at each draw, around path
                 values[name] = path
                 continue
