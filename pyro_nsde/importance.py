@@ -44,12 +44,16 @@ class WidenMessenger(Messenger):
 
     :param float df: degrees of freedom of the Student-t laws.
     :param float inflate: the factor on the scale.
+    :param dict moments: ``{site: (loc, scale_tril)}`` to centre and scale the Student-t law of
+        a multivariate site at instead of the guide's (an adapted proposal).
     """
 
-    def __init__(self, df: float = 5.0, inflate: float = 1.3):
+    def __init__(self, df: float = 5.0, inflate: float = 1.3, moments: dict | None = None):
         if not (df > 0 and inflate > 0):
             raise ValueError(f"df and inflate must be positive, but got {df!r} and {inflate!r}")
         self.df, self.inflate = float(df), float(inflate)
+        self.moments = dict(moments or {})
+        self.multivariate = set()  # the multivariate sites seen (their moments can be adapted)
         super().__init__()
 
     def _pyro_sample(self, msg):
@@ -62,8 +66,10 @@ class WidenMessenger(Messenger):
         batch = msg["fn"].batch_shape
         df = torch.tensor(self.df)
         if isinstance(fn, (dist.MultivariateNormal, dist.LowRankMultivariateNormal)):
-            tril = fn.scale_tril
-            wide = dist.MultivariateStudentT(df.to(tril), fn.loc, self.inflate * tril)
+            loc, tril = self.moments.get(msg["name"], (fn.loc, fn.scale_tril))
+            if not batch:
+                self.multivariate.add(msg["name"])
+            wide = dist.MultivariateStudentT(df.to(tril), loc, self.inflate * tril)
         elif isinstance(fn, dist.Normal):
             wide = dist.StudentT(df.to(fn.loc), fn.loc, self.inflate * fn.scale)
         else:
@@ -104,6 +110,18 @@ def psis_weights(log_weights: torch.Tensor) -> tuple[torch.Tensor, float]:
             lw = lw.clone()
             lw[order[-tail:]] = smoothed
     return (lw - lw.logsumexp(0)).exp(), khat
+
+
+def _weighted_moments(values: torch.Tensor, weights: torch.Tensor):
+    """``(mean, lower Cholesky factor of the covariance)`` of draws ``(M, ..., n)`` (one
+    multivariate site) under normalized weights ``(M,)``."""
+    z = values.reshape(weights.numel(), -1).to(weights.dtype)
+    mean = weights @ z
+    centred = z - mean
+    cov = (weights[:, None] * centred).mT @ centred
+    eye = torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
+    tril = torch.linalg.cholesky(cov + 1e-9 * cov.diagonal().mean() * eye)
+    return mean.to(values.dtype), tril.to(values.dtype)
 
 
 def systematic_resample(weights: torch.Tensor, num: int, generator=None) -> torch.Tensor:
@@ -154,6 +172,7 @@ def importance_resample(
     num_proposals: int | None = None,
     df: float = 5.0,
     inflate: float = 1.3,
+    adapt: bool = True,
     max_plate_nesting: int,
     **kwargs,
 ) -> ImportanceDraws:
@@ -163,23 +182,42 @@ def importance_resample(
     for ``Predictive(parallel=True)``.
 
     :param int num_proposals: default ``4 * num_samples``.
+    :param bool adapt: if the weights' ``k̂`` is 0.7 or more, draw the proposals once more
+        from Student-t laws at the weighted mean and covariance of the first ones (for the
+        guide's multivariate sites, e.g. ``latents="multivariate"``), and return those.
     :param int max_plate_nesting: the model's plate nesting.
     """
     num_proposals = 4 * num_samples if num_proposals is None else num_proposals
-    # Heavy-tailed proposals reach parameters where a path overflows: such a draw gets weight
-    # zero instead of stopping the run (validation would raise on its non-finite path).
-    with torch.no_grad(), pyro.validation_enabled(False):
-        log_weights, model_trace, _ = vectorized_importance_weights(
-            model,
-            WidenMessenger(df=df, inflate=inflate)(guide),
-            *args,
-            num_samples=num_proposals,
-            max_plate_nesting=max_plate_nesting,
-            **kwargs,
-        )
-    log_weights = log_weights.reshape(-1)
-    log_weights = torch.where(torch.isnan(log_weights), -math.inf, log_weights)
-    weights, khat = psis_weights(log_weights)
+
+    def weigh(proposal):
+        # Heavy-tailed proposals reach parameters where a path overflows: such a draw gets
+        # weight zero instead of stopping the run (validation would raise on its non-finite
+        # path).
+        with torch.no_grad(), pyro.validation_enabled(False):
+            log_weights, model_trace, guide_trace = vectorized_importance_weights(
+                model,
+                proposal(guide),
+                *args,
+                num_samples=num_proposals,
+                max_plate_nesting=max_plate_nesting,
+                **kwargs,
+            )
+        log_weights = log_weights.reshape(-1)
+        log_weights = torch.where(torch.isnan(log_weights), -math.inf, log_weights)
+        return (log_weights, *psis_weights(log_weights), model_trace, guide_trace)
+
+    proposal = WidenMessenger(df=df, inflate=inflate)
+    log_weights, weights, khat, model_trace, guide_trace = weigh(proposal)
+    if adapt and not khat < KHAT_THRESHOLD and proposal.multivariate:
+        # One step of population Monte Carlo: the multivariate sites' Student-t laws re-centred
+        # and re-scaled at the weighted moments of the first proposals, and all proposals drawn
+        # afresh from them (the second round's weights and k̂ are what is returned).
+        moments = {
+            name: _weighted_moments(guide_trace.nodes[name]["value"], weights)
+            for name in proposal.multivariate
+        }
+        adapted = WidenMessenger(df=df, inflate=inflate, moments=moments)
+        log_weights, weights, khat, model_trace, guide_trace = weigh(adapted)
     indices = systematic_resample(weights, num_samples)
     return ImportanceDraws(
         model_trace=model_trace,

@@ -39,18 +39,24 @@ def _exact_posterior_mean_of_scale():
     return float((weights * s).sum() / weights.sum())
 
 
-def test_resampling_corrects_a_poor_guide():
+@pytest.mark.parametrize("adapt", [False, True])
+def test_resampling_corrects_a_poor_guide(adapt):
     """A guide far too narrow (untrained, scale 0.05 around the prior median) is corrected by
-    resampling towards the posterior mean of ``scale``, and ``k̂`` says the weights are poor."""
+    resampling towards the posterior mean of ``scale``. Its widened proposals alone give poor
+    weights, which ``k̂`` says; one adaptation of the proposal to their weighted moments gives
+    reliable ones."""
     guide = AutoMultivariateNormal(_model, init_scale=0.05)
     guide()
     draws = importance_resample(
-        _model, guide, num_samples=4000, num_proposals=40_000, max_plate_nesting=1
+        _model, guide, num_samples=4000, num_proposals=40_000, max_plate_nesting=1, adapt=adapt
     )
     scale = draws.model_trace.nodes["scale"]["value"].reshape(-1)[draws.indices]
     exact = _exact_posterior_mean_of_scale()
-    assert abs(float(scale.mean()) - exact) < 0.1 * exact
-    assert draws.pareto_k > 0.7 and not draws.reliable
+    assert abs(float(scale.mean()) - exact) < (0.05 if adapt else 0.1) * exact
+    if adapt:
+        assert draws.pareto_k < 0.5 and draws.reliable and draws.ess > 5000
+    else:
+        assert draws.pareto_k > 0.7 and not draws.reliable
 
 
 def test_a_mean_field_proposal_too_poor_to_correct_is_flagged():
@@ -109,7 +115,10 @@ def test_to_inference_data_resamples_only_when_k_hat_allows(recwarn):
     poor()
     with pytest.warns(RuntimeWarning, match="importance resampling not applied"):
         idata = to_inference_data(
-            _model, guide=poor, num_samples=500, importance_resampling={"num_proposals": 4000}
+            _model,
+            guide=poor,
+            num_samples=500,
+            importance_resampling={"num_proposals": 4000, "adapt": False},
         )
     attrs = group(idata, "sample_stats").attrs
     assert attrs["importance_pareto_k"] > 0.7 and attrs["importance_resampled"] == 0
