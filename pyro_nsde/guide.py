@@ -717,16 +717,16 @@ class GirsanovGuide(AutoGuide):
             loc, scale = out[..., :d], MIN_SCALE + nn.functional.softplus(out[..., d:])
         return dist.Normal(loc, scale).to_event(1)
 
-    def _params(self, name, values, centre, batch_ndim):
-        """``η - η̄`` for path site ``name``: the unconstrained values of its parameter sites,
-        flattened, minus their posterior medians, with batch dims that broadcast with the
-        path's (``batch_ndim`` of them at most)."""
+    def _params(self, name, values, batch_ndim):
+        """``η - η̂`` for path site ``name``: the unconstrained values of its parameter sites,
+        flattened, minus their values at the last Laplace fit (about which the coefficients
+        and their slopes were expanded), with batch dims that broadcast with the path's
+        (``batch_ndim`` of them at most). Without a fit (it was not finite) the slopes are
+        zero and so is ``η - η̂``."""
         sites = self._param_sites.get(name)
         if not sites:
             return None
-        # Centred at the point of the last Laplace fit, about which the coefficients and their
-        # slopes were expanded (the posterior medians move between refreshes).
-        centre = self._fit_centres.get(name, centre)
+        centre = self._fit_centres.get(name, values)
         pieces = []
         for site_name in sites:
             site = self.prototype_trace.nodes[site_name]
@@ -856,18 +856,12 @@ class GirsanovGuide(AutoGuide):
         return self.latent_guide.median(*args, **kwargs)
 
     def _latent_values(self, args, kwargs, median=False):
-        """Draws (or medians) of the other latent sites, and the medians that centre the
-        parameters controls depend on (empty when none do)."""
+        """Draws (or medians) of the other latent sites."""
         if self.latent_guide is None:
-            return {}, {}
+            return {}
         if median:
-            medians = self._latent_medians(args, kwargs)
-            return dict(medians), medians
-        values = self.latent_guide(*args, **kwargs)
-        centre = {}
-        if any(self._param_sites.values()):
-            centre = self._latent_medians(args, kwargs)
-        return values, centre
+            return dict(self._latent_medians(args, kwargs))
+        return self.latent_guide(*args, **kwargs)
 
     def get_extra_state(self):
         """What the guide keeps besides parameters and buffers, so that ``state_dict()`` (and a
@@ -901,13 +895,13 @@ class GirsanovGuide(AutoGuide):
             if self._calls % self.refresh_every == 0:
                 self.refresh(*args, **kwargs)
         plates = self._create_plates(*args, **kwargs)
-        values, centre = self._latent_values(args, kwargs)
+        values = self._latent_values(args, kwargs)
         context, encoded = None, False
         for name in self._path_sites:
             prior = self.prior(name, values, plates, *args, **kwargs)
             if not encoded:  # after the model's plates are checked against the guide's
                 context, encoded = self._encode(plates, args, kwargs), True
-            params = self._params(name, values, centre, len(prior.batch_shape))
+            params = self._params(name, values, len(prior.batch_shape))
             base = None
             if self._modes[name] == "kalman":
                 base = self._kalman_base(name, prior, values, args, kwargs)
@@ -926,14 +920,14 @@ class GirsanovGuide(AutoGuide):
         if any(f.full_size not in (None, f.size) for f in self._prototype_frames.values()):
             raise NotImplementedError("median() is not available with subsampled plates")
         plates = self._create_plates(*args, **kwargs)
-        values, centre = self._latent_values(args, kwargs, median=True)
+        values = self._latent_values(args, kwargs, median=True)
         with poutine.block():
             context, encoded = None, False
             for name in self._path_sites:
                 prior = self.prior(name, values, plates, *args, **kwargs)
                 if not encoded:
                     context, encoded = self._encode(plates, args, kwargs), True
-                params = self._params(name, values, centre, len(prior.batch_shape))
+                params = self._params(name, values, len(prior.batch_shape))
                 base = None
                 if self._modes[name] == "kalman":
                     base = self._kalman_base(name, prior, values, args, kwargs)
