@@ -43,6 +43,8 @@ import math
 
 import torch
 
+from .gauss_markov import affine_scan
+
 
 def _mv(matrix: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
     return (matrix @ vector.unsqueeze(-1)).squeeze(-1)
@@ -156,12 +158,10 @@ class GaussMarkovPosterior:
         return torch.stack(means), torch.stack(covs)
 
     def mean_path(self) -> torch.Tensor:
-        """The posterior mean of every state, ``(K+1, *batch, d)``."""
+        """The posterior mean of every state, ``(K+1, *batch, d)`` (an affine recurrence,
+        solved by :func:`~pyro_nsde.gauss_markov.affine_scan`)."""
         A, b, _ = self.transitions()
-        means = [self.init_loc]
-        for k in range(A.shape[0]):
-            means.append(_mv(A[k], means[-1]) + b[k])
-        return torch.stack(means)
+        return torch.cat([self.init_loc.unsqueeze(0), affine_scan(A, b, self.init_loc)])
 
 
 def cholesky_or_nan(matrix: torch.Tensor) -> torch.Tensor:
