@@ -69,12 +69,9 @@ def _simulate(num_series, refine):
     return data, latent
 
 
-def fit_double_well(num_series, covariance, *, refine=1, warmup=60, steps=120, seed=0):
-    """Fit the model on a grid of step ``STEP / refine``; returns ``(relative drift error on
-    the visited region, learned σ)``."""
-    pyro.clear_param_store()
-    pyro.set_rng_seed(seed)  # torch and numpy (torchsde's Brownian motion draws from numpy)
-    data, latent = _simulate(num_series, refine)
+def make_model(obs_noise=OBS_NOISE):
+    """The model ``(model, drift, diffusion)``: a ``DriftNet`` drift and a learned constant
+    diffusion, ``x_0 ~ N(0, 2²)``, every series observed with noise ``obs_noise``."""
     drift = DriftNet(1, (32, 32), time_frequencies=())
     diffusion = DiffusionNet(1, hidden_dims=(), init_scale=0.5)
     init = dist.Normal(torch.zeros(1), 2.0).to_event(1)
@@ -84,7 +81,27 @@ def fit_double_well(num_series, covariance, *, refine=1, warmup=60, steps=120, s
         pyro.module("diffusion", diffusion)
         with pyro.plate("series", data.num_series):
             x = pyro.sample("x", EulerMaruyama(drift, diffusion, init, data.times))
-            pyro.sample("y", dist.Normal(x, OBS_NOISE).mask(data.mask).to_event(2), obs=data.values)
+            pyro.sample("y", dist.Normal(x, obs_noise).mask(data.mask).to_event(2), obs=data.values)
+
+    return model, drift, diffusion
+
+
+def drift_error(drift, latent):
+    """The learned drift's RMS error relative to the true drift's RMS on the visited states."""
+    with torch.no_grad():
+        visited = latent.reshape(-1, 1)
+        truth = visited - visited**3
+        error = (drift(torch.zeros(1), visited) - truth).pow(2).mean().sqrt()
+    return float(error / truth.pow(2).mean().sqrt())
+
+
+def fit_double_well(num_series, covariance, *, refine=1, warmup=60, steps=120, seed=0):
+    """Fit the model on a grid of step ``STEP / refine``; returns ``(relative drift error on
+    the visited region, learned σ)``."""
+    pyro.clear_param_store()
+    pyro.set_rng_seed(seed)  # torch and numpy (torchsde's Brownian motion draws from numpy)
+    data, latent = _simulate(num_series, refine)
+    model, drift, diffusion = make_model()
 
     control = PosteriorDriftControl(drift, diffusion, 1, 16, (64, 64), covariance)
     guide = GirsanovGuide(model, control=control, encoder=GRUEncoder(1, 16, 32))
@@ -101,11 +118,8 @@ def fit_double_well(num_series, covariance, *, refine=1, warmup=60, steps=120, s
     for _ in range(steps):
         svi.step(data)
     with torch.no_grad():
-        visited = latent.reshape(-1, 1)
-        truth = visited - visited**3
-        error = (drift(torch.zeros(1), visited) - truth).pow(2).mean().sqrt()
         sigma = float(diffusion(torch.zeros(1), torch.zeros(1)))
-    return float(error / truth.pow(2).mean().sqrt()), sigma
+    return drift_error(drift, latent), sigma
 
 
 def test_double_well_drift_and_diffusion_are_identified():

@@ -46,20 +46,26 @@ machine; the seeds can run side by side)::
 """
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import pyro
-import pyro.distributions as dist
 import torch
 import torchsde
 from pyro.infer import SVI, Trace_ELBO
 
-from pyro_nsde import EulerMaruyama, GirsanovGuide, fit_svi
+from pyro_nsde import GirsanovGuide, fit_svi
 from pyro_nsde.encoders import GRUEncoder
-from pyro_nsde.nn import DiffusionNet, DriftNet, PosteriorDriftControl
+from pyro_nsde.nn import PosteriorDriftControl
 from pyro_nsde.series import GriddedSeries
 
-SIGMA, OBS_NOISE, STEP, NUM_STEPS, OBS_EVERY = 0.6, 0.1, 0.02, 200, 10
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
+
+from test_sysid import SIGMA, _DoubleWell, drift_error
+from test_sysid import make_model as sysid_model
+
+OBS_NOISE, STEP, NUM_STEPS, OBS_EVERY = 0.1, 0.02, 200, 10
 METHODS = (
     "naive",
     "fit_svi",
@@ -70,16 +76,6 @@ METHODS = (
     "recipe",
     "lsq",
 )
-
-
-class _DoubleWell:
-    noise_type, sde_type = "diagonal", "ito"
-
-    def f(self, t, x):
-        return x - x**3
-
-    def g(self, t, x):
-        return torch.full_like(x, SIGMA)
 
 
 def simulate(num_series, seed):
@@ -98,33 +94,10 @@ def simulate(num_series, seed):
     return data, latent
 
 
-def make_model():
-    drift = DriftNet(1, (32, 32), time_frequencies=())
-    diffusion = DiffusionNet(1, hidden_dims=(), init_scale=0.5)
-    init = dist.Normal(torch.zeros(1), 2.0).to_event(1)
-
-    def model(data):
-        pyro.module("drift", drift)
-        pyro.module("diffusion", diffusion)
-        with pyro.plate("series", data.num_series):
-            x = pyro.sample("x", EulerMaruyama(drift, diffusion, init, data.times))
-            pyro.sample("y", dist.Normal(x, OBS_NOISE).mask(data.mask).to_event(2), obs=data.values)
-
-    return model, drift, diffusion
-
-
-def drift_error(drift, latent):
-    with torch.no_grad():
-        visited = latent.reshape(-1, 1)
-        truth = visited - visited**3
-        error = (drift(torch.zeros(1), visited) - truth).pow(2).mean().sqrt()
-    return float(error / truth.pow(2).mean().sqrt())
-
-
 def run(method, data, latent, args):
     """Fits one method; returns ``(drift error, learned σ, seconds, what was run)``."""
     pyro.clear_param_store()
-    model, drift, diffusion = make_model()
+    model, drift, diffusion = sysid_model(OBS_NOISE)
     encoder = GRUEncoder(1, 16, 32)
     start = time.perf_counter()
     if method == "naive":
