@@ -25,7 +25,7 @@ points); couplings between states (an observation of an average over time, say) 
 """
 
 import torch
-from torch.distributions import Distribution, Independent, MultivariateNormal, Normal
+from torch.distributions import Distribution, MultivariateNormal
 
 from .euler_maruyama import EulerMaruyama, simulate
 from .kalman import GaussianSites, GaussMarkovPosterior, LinearChain, cholesky_or_nan, smooth
@@ -40,12 +40,7 @@ def init_moments(init, state_dim: int, like: torch.Tensor):
         return loc, loc.new_zeros(loc.shape + (state_dim,))
     if isinstance(init, MultivariateNormal):
         return init.loc, init.covariance_matrix
-    base = init
-    while isinstance(base, Independent):
-        base = base.base_dist
-    if isinstance(base, Normal):
-        return init.mean, torch.diag_embed(init.variance)
-    try:
+    try:  # independent coordinates (a Normal under to_event, or any law with a variance)
         return init.mean, torch.diag_embed(init.variance)
     except NotImplementedError:
         draws = init.sample((1000,))
