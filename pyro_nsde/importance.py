@@ -43,6 +43,8 @@ class WidenMessenger(Messenger):
     location and ``inflate`` times the scale. Other sites (paths, deltas) are left alone.
 
     :param float df: degrees of freedom of the Student-t laws.
+    :ivar dict laws: ``{site: law}``, the Student-t laws of the multivariate sites without
+        batch dims seen in the last run (the sites whose proposal can be adapted).
     :param float inflate: the factor on the scale.
     :param dict moments: ``{site: (loc, scale_tril)}`` to centre and scale the Student-t law of
         a multivariate site at instead of the guide's (an adapted proposal).
@@ -53,7 +55,7 @@ class WidenMessenger(Messenger):
             raise ValueError(f"df and inflate must be positive, but got {df!r} and {inflate!r}")
         self.df, self.inflate = float(df), float(inflate)
         self.moments = dict(moments or {})
-        self.multivariate = set()  # the multivariate sites seen (their moments can be adapted)
+        self.laws = {}  # the multivariate sites' Student-t laws (their moments can be adapted)
         super().__init__()
 
     def _pyro_sample(self, msg):
@@ -67,9 +69,9 @@ class WidenMessenger(Messenger):
         df = torch.tensor(self.df)
         if isinstance(fn, (dist.MultivariateNormal, dist.LowRankMultivariateNormal)):
             loc, tril = self.moments.get(msg["name"], (fn.loc, fn.scale_tril))
-            if not batch:
-                self.multivariate.add(msg["name"])
             wide = dist.MultivariateStudentT(df.to(tril), loc, self.inflate * tril)
+            if not batch:
+                self.laws[msg["name"]] = wide
         elif isinstance(fn, dist.Normal):
             wide = dist.StudentT(df.to(fn.loc), fn.loc, self.inflate * fn.scale)
         else:
@@ -172,22 +174,39 @@ def importance_resample(
     num_proposals: int | None = None,
     df: float = 5.0,
     inflate: float = 1.3,
-    adapt: bool = True,
+    rounds: int = 3,
     max_plate_nesting: int,
     **kwargs,
 ) -> ImportanceDraws:
-    """Draw ``num_proposals`` proposals from ``guide`` widened by :class:`WidenMessenger`,
-    weight them against ``model(*args, **kwargs)`` and resample ``num_samples`` of them (PSIS,
-    systematic resampling). The model must broadcast over a draws dim left of its plates, as
-    for ``Predictive(parallel=True)``.
+    r"""Draw proposals from ``guide`` widened by :class:`WidenMessenger`, weight them against
+    ``model(*args, **kwargs)`` and resample ``num_samples`` of them (PSIS, systematic
+    resampling). The model must broadcast over a draws dim left of its plates, as for
+    ``Predictive(parallel=True)``.
 
-    :param int num_proposals: default ``4 * num_samples``.
-    :param bool adapt: if the weights' ``k̂`` is 0.7 or more, draw the proposals once more
-        from Student-t laws at the weighted mean and covariance of the first ones (for the
-        guide's multivariate sites, e.g. ``latents="multivariate"``), and return those.
+    With multivariate sites in the guide (e.g. ``latents="multivariate"``), the proposal is
+    adapted (adaptive multiple importance sampling, Cornuet et al. 2012): round ``r + 1``
+    draws those sites from Student-t laws at the weighted mean and covariance of all proposals
+    so far, each proposal weighted against the equal mixture of the rounds' laws,
+    ``w = p(z, y) / (R⁻¹ Σ_r r_r(z))`` (deterministic-mixture weights: a draw in one round's
+    thin tail is not over-weighted when another round covers it). The first round, the
+    guide's own widened laws, only starts the adaptation: the draws returned are those of the
+    adapted rounds, weighted against their mixture (a guide too narrow in some corner would
+    otherwise keep its few huge weights there). The other sites' laws given the multivariate
+    ones are the same in every round, so only the multivariate sites' densities enter.
+
+    :param int num_proposals: proposals per round, default ``4 * num_samples``.
+    :param int rounds: proposal rounds (1: the widened guide alone; ``R > 1``: ``R - 1``
+        adapted rounds are returned). Guides without multivariate sites have one.
     :param int max_plate_nesting: the model's plate nesting.
+
+    **References:**
+
+    [1] Jean-Marie Cornuet, Jean-Michel Marin, Antonietta Mira, Christian P. Robert (2012),
+        "Adaptive Multiple Importance Sampling", Scandinavian Journal of Statistics.
     """
     num_proposals = 4 * num_samples if num_proposals is None else num_proposals
+    if not (isinstance(rounds, int) and rounds >= 1):
+        raise ValueError(f"rounds must be a positive int, but got {rounds!r}")
 
     def weigh(proposal):
         # Heavy-tailed proposals reach parameters where a path overflows: such a draw gets
@@ -202,31 +221,77 @@ def importance_resample(
                 max_plate_nesting=max_plate_nesting,
                 **kwargs,
             )
-        log_weights = log_weights.reshape(-1)
+        log_weights = log_weights.reshape(-1).double()
         log_weights = torch.where(torch.isnan(log_weights), -math.inf, log_weights)
-        return (log_weights, *psis_weights(log_weights), model_trace, guide_trace)
-
-    proposal = WidenMessenger(df=df, inflate=inflate)
-    log_weights, weights, khat, model_trace, guide_trace = weigh(proposal)
-    if adapt and not khat < KHAT_THRESHOLD and proposal.multivariate:
-        # One step of population Monte Carlo: the multivariate sites' Student-t laws re-centred
-        # and re-scaled at the weighted moments of the first proposals, and all proposals drawn
-        # afresh from them (the second round's weights and k̂ are what is returned).
-        moments = {
-            name: _weighted_moments(guide_trace.nodes[name]["value"], weights)
-            for name in proposal.multivariate
+        adapted = {
+            name: guide_trace.nodes[name]["value"].reshape(num_proposals, -1)
+            for name in proposal.laws
         }
-        adapted = WidenMessenger(df=df, inflate=inflate, moments=moments)
-        log_weights, weights, khat, model_trace, guide_trace = weigh(adapted)
-    indices = systematic_resample(weights, num_samples)
+        return log_weights, model_trace, adapted
+
+    proposals = [WidenMessenger(df=df, inflate=inflate)]
+    log_weights, model_trace, values = weigh(proposals[0])
+    traces, own, draws = [model_trace], [log_weights], [values]
+    while proposals[0].laws and len(proposals) < rounds:
+        # The mixture weights of all proposals so far give the next round's moments.
+        weights, _ = psis_weights(_mixture_log_weights(proposals, own, draws))
+        stacked = {name: torch.cat([v[name] for v in draws]) for name in proposals[0].laws}
+        moments = {name: _weighted_moments(z, weights) for name, z in stacked.items()}
+        proposals.append(WidenMessenger(df=df, inflate=inflate, moments=moments))
+        log_weights, model_trace, values = weigh(proposals[-1])
+        traces.append(model_trace)
+        own.append(log_weights)
+        draws.append(values)
+    if len(proposals) > 1:  # the first round was a pilot: only the adapted ones are kept
+        proposals, own, draws, traces = proposals[1:], own[1:], draws[1:], traces[1:]
+    log_weights = _mixture_log_weights(proposals, own, draws)
+    weights, khat = psis_weights(log_weights)
     return ImportanceDraws(
-        model_trace=model_trace,
+        model_trace=_concatenate_draws(traces, num_proposals),
         log_weights=log_weights,
         weights=weights,
-        indices=indices,
+        indices=systematic_resample(weights, num_samples),
         pareto_k=khat,
         ess=float(1.0 / weights.pow(2).sum()),
     )
+
+
+def _mixture_log_weights(proposals, log_weights, draws) -> torch.Tensor:
+    """``log p(z, y) - log (R⁻¹ Σ_r r_r(z))`` for the proposals of all ``R`` rounds, from each
+    round's own ``log p(z, y) - log r_own(z)`` and the rounds' laws of the adapted sites."""
+    if len(proposals) == 1:
+        return log_weights[0]
+    pieces = []
+    with torch.no_grad():
+        for index, (own, values) in enumerate(zip(log_weights, draws, strict=True)):
+            densities = torch.stack(
+                [
+                    sum(prop.laws[name].log_prob(z).double() for name, z in values.items())
+                    for prop in proposals
+                ]
+            )
+            mixture = densities.logsumexp(0) - math.log(len(proposals))
+            pieces.append(own + densities[index] - mixture)
+    return torch.cat(pieces)
+
+
+def _concatenate_draws(traces, num: int):
+    """One trace with the latent sites' values of all rounds (``num`` draws each) along the
+    draws dim, the leftmost (as :func:`~pyro.infer.importance.vectorized_importance_weights`
+    lays them out)."""
+    if len(traces) == 1:
+        return traces[0]
+    merged = traces[0].copy()
+    for name, site in traces[0].nodes.items():
+        if site["type"] != "sample" or site["is_observed"]:
+            continue
+        values = [trace.nodes[name]["value"] for trace in traces]
+        rank = max(value.dim() for value in values)
+        values = [v.reshape((1,) * (rank - v.dim()) + v.shape) for v in values]
+        shape = torch.broadcast_shapes(*(v.shape[1:] for v in values))
+        values = [v.expand((num, *shape)) for v in values]
+        merged.nodes[name] = {**site, "value": torch.cat(values)}
+    return merged
 
 
 __all__ = [

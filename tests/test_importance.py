@@ -39,24 +39,57 @@ def _exact_posterior_mean_of_scale():
     return float((weights * s).sum() / weights.sum())
 
 
-@pytest.mark.parametrize("adapt", [False, True])
-def test_resampling_corrects_a_poor_guide(adapt):
+@pytest.mark.parametrize("rounds", [1, 3])
+def test_resampling_corrects_a_poor_guide(rounds):
     """A guide far too narrow (untrained, scale 0.05 around the prior median) is corrected by
     resampling towards the posterior mean of ``scale``. Its widened proposals alone give poor
-    weights, which ``k̂`` says; one adaptation of the proposal to their weighted moments gives
-    reliable ones."""
+    weights, which ``k̂`` says; adapting the proposal to the weighted moments gives reliable
+    ones."""
     guide = AutoMultivariateNormal(_model, init_scale=0.05)
     guide()
     draws = importance_resample(
-        _model, guide, num_samples=4000, num_proposals=40_000, max_plate_nesting=1, adapt=adapt
+        _model, guide, num_samples=4000, num_proposals=40_000, max_plate_nesting=1, rounds=rounds
     )
     scale = draws.model_trace.nodes["scale"]["value"].reshape(-1)[draws.indices]
     exact = _exact_posterior_mean_of_scale()
-    assert abs(float(scale.mean()) - exact) < (0.05 if adapt else 0.1) * exact
-    if adapt:
+    assert abs(float(scale.mean()) - exact) < (0.05 if rounds > 1 else 0.1) * exact
+    assert draws.log_weights.shape == draws.weights.shape == (max(rounds - 1, 1) * 40_000,)
+    if rounds > 1:
         assert draws.pareto_k < 0.5 and draws.reliable and draws.ess > 5000
     else:
         assert draws.pareto_k > 0.7 and not draws.reliable
+
+
+def test_mixture_weights_of_adapted_rounds_are_unbiased():
+    """The proposals of all rounds, weighted against the mixture of the rounds' laws, estimate
+    the normalizing constant (here 1: no data) and the moments of the target, from a first
+    round centred 3 target sds away."""
+
+    def target():
+        pyro.sample("z", dist.MultivariateNormal(torch.zeros(2), torch.eye(2)))
+
+    guide = AutoMultivariateNormal(target, init_loc_fn=lambda site: torch.full((2,), 3.0))
+    guide()
+    pyro.set_rng_seed(0)
+    draws = importance_resample(
+        target, guide, num_samples=1000, num_proposals=20_000, max_plate_nesting=0, rounds=3
+    )
+    z = draws.model_trace.nodes["z"]["value"].reshape(-1, 2).double()
+    assert z.shape == (40_000, 2)
+    assert abs(float(draws.log_weights.exp().mean()) - 1.0) < 0.05
+    mean = draws.weights @ z
+    second = draws.weights @ (z * z)
+    assert torch.allclose(mean, torch.zeros(2, dtype=mean.dtype), atol=0.05)
+    assert torch.allclose(second, torch.ones(2, dtype=mean.dtype), atol=0.08)
+    assert draws.reliable
+    resampled = z[draws.indices]
+    assert torch.allclose(resampled.mean(0), torch.zeros(2, dtype=z.dtype), atol=0.15)
+
+
+def test_rounds_must_be_a_positive_int():
+    guide = AutoMultivariateNormal(_model)
+    with pytest.raises(ValueError, match="rounds must be a positive int"):
+        importance_resample(_model, guide, num_samples=10, max_plate_nesting=1, rounds=0)
 
 
 def test_a_mean_field_proposal_too_poor_to_correct_is_flagged():
@@ -118,7 +151,7 @@ def test_to_inference_data_resamples_only_when_k_hat_allows(recwarn):
             _model,
             guide=poor,
             num_samples=500,
-            importance_resampling={"num_proposals": 4000, "adapt": False},
+            importance_resampling={"num_proposals": 4000, "rounds": 1},
         )
     attrs = group(idata, "sample_stats").attrs
     assert attrs["importance_pareto_k"] > 0.7 and attrs["importance_resampled"] == 0
