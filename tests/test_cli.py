@@ -22,7 +22,7 @@ from torch.distributions import LogNormal, Normal
 
 from pyro_nsde import GirsanovGuide
 from pyro_nsde._arviz import group_names
-from pyro_nsde.cli import interval_coverage, main
+from pyro_nsde.cli import interval_coverage, main, overshoot_note
 from pyro_nsde.forecast import forecast
 from pyro_nsde.models import (
     LotkaVolterra,
@@ -204,6 +204,16 @@ def test_interval_coverage_counts_observations_inside_the_central_interval():
     observed = np.array([1.0, 50.0, 99.0, np.nan])
     assert interval_coverage(draws, observed, level=0.9) == pytest.approx(1 / 3)
     assert interval_coverage(draws, np.array([6.0, 95.0, 50.0, 60.0]), level=0.9) == 1.0
+
+
+def test_overshoot_note_names_the_series_whose_rate_overshoots_the_euler_step():
+    model = OrnsteinUhlenbeck(torch.arange(10.0), 2, steps_per_unit=4.0)  # h = 0.25
+    theta = np.full((2, 500, 2), 0.7)
+    theta[0, :20, 1] = 7.3  # 2 % of the draws of the second series past θ h = 1
+    note = overshoot_note(model, theta, ["a", "b"])
+    assert note is not None and "step): b 2.0%." in note and "h = 0.25" in note
+    theta[0, :20, 1] = 3.9  # θ h < 1: no note
+    assert overshoot_note(model, theta, ["a", "b"]) is None
 
 
 def test_interval_coverage_rejects_mismatched_shapes():
