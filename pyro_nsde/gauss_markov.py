@@ -40,7 +40,7 @@ from . import _path_record
 from .controls import PerStepCoefficients, StepCoefficients
 from .euler_maruyama import SimulatedSteps
 from .girsanov import GirsanovEulerMaruyama
-from .noise import DiffusionFactor, apply_scale, as_matrix, diffuse
+from .noise import DiffusionFactor, apply_scale, as_matrix, diffuse, matvec
 
 
 def affine_scan(A: torch.Tensor, b: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
@@ -63,22 +63,8 @@ def affine_scan(A: torch.Tensor, b: torch.Tensor, x0: torch.Tensor) -> torch.Ten
     return _scan(A, b, x0, diagonal)
 
 
-def _mv(A, x):
-    """``A x`` over batch dims that broadcast. ``einsum`` contracts a matrix shared across a
-    batch dim (``A`` of shape ``(K, 1, d, d)``, ``x`` of ``(K, B, d)``) as ``K`` products of
-    ``(B, d) (d, d)``; ``A @ x[..., None]`` would expand ``A`` into ``K B`` small products
-    (9× slower at ``d = 8``). Per step, on small batches, ``matmul`` is the faster of the two,
-    which is why :mod:`pyro_nsde.noise` and :mod:`pyro_nsde.kalman` keep it."""
-    return torch.einsum("...ij,...j->...i", A, x)
-
-
-def _scaled_noise(scale, eps, covariance):
-    """``S ξ`` (as :func:`~pyro_nsde.noise.apply_scale`), with :func:`_mv` for a full ``S``."""
-    return _mv(scale, eps) if covariance == "full" else apply_scale(scale, eps, covariance)
-
-
 def _apply(A, x, diagonal):
-    return A * x if diagonal else _mv(A, x)
+    return A * x if diagonal else matvec(A, x)
 
 
 def _scan(A, b, x0, diagonal):
@@ -139,7 +125,7 @@ class LinearCoefficients(StepCoefficients):
     def drift(self, h, x):
         """``v_k(x)`` for states ``x`` ``(K, ..., d)`` and steps ``h`` ``(K, ..., 1)``."""
         loc, gain, _ = self._aligned(x.dim())
-        return (loc + _mv(gain, x)) / h.sqrt()
+        return (loc + matvec(gain, x)) / h.sqrt()
 
     def at_all_steps(self, t, h, x, prior=None):
         f, g = prior
@@ -155,7 +141,7 @@ class LinearCoefficients(StepCoefficients):
     def shift(t, h, x, prior, loc, gain, scale, coefficients):
         """``(u_k, S_k)`` of one step (sequential simulation)."""
         f, g = prior
-        v = (loc + _mv(gain, x)) / h.sqrt()
+        v = (loc + matvec(gain, x)) / h.sqrt()
         u = DiffusionFactor(coefficients.noise_type, g).solve(v - f)
         return u, coefficients._noise_space(scale, g)
 
@@ -302,17 +288,14 @@ class GaussMarkovEulerMaruyama(GirsanovEulerMaruyama):
         loc, gain, scale = coefficients._aligned(n)
         drift_loc, drift_gain = loc / root_h, gain / root_h.unsqueeze(-1)
         if coefficients.state_scale:
-            noise = root_h * _scaled_noise(scale, eps, self.covariance)
+            noise = root_h * apply_scale(scale, eps, self.covariance)
             factor = None  # G is evaluated at the sampled states, below
         else:
             probe = x0.expand((num_steps,) + x0.shape)  # G must not depend on the state
             g = prior.diffusion(t, probe) if callable(prior.diffusion) else prior.diffusion
             factor = DiffusionFactor(prior.noise_type, g)
-            dw = root_h * _scaled_noise(scale, eps, self.covariance)
-            if prior.noise_type in ("diagonal", "scalar"):
-                noise = diffuse(prior.noise_type, g, dw)
-            else:  # a (d, m) matrix, shared by the batch: see _mv
-                noise = _mv(g, dw)
+            dw = root_h * apply_scale(scale, eps, self.covariance)
+            noise = diffuse(prior.noise_type, g, dw)
             projection = _noise_free_projection(factor, d)
             if projection is not None:
                 jac, offset = _affine_drift(prior.drift, t, probe)

@@ -44,10 +44,7 @@ import math
 import torch
 
 from .gauss_markov import affine_scan
-
-
-def _mv(matrix: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
-    return (matrix @ vector.unsqueeze(-1)).squeeze(-1)
+from .noise import matvec
 
 
 def _symmetric(matrix: torch.Tensor) -> torch.Tensor:
@@ -144,7 +141,7 @@ class GaussMarkovPosterior:
         h = chain.h.unsqueeze(-1)
         G = chain.diffusion
         A = chain.transition + h.unsqueeze(-1) * (G @ self.control_gain)
-        b = chain.offset + h * _mv(G, self.control_loc)
+        b = chain.offset + h * matvec(G, self.control_loc)
         L = h.sqrt().unsqueeze(-1) * (G @ cholesky_or_nan(self.step_cov))
         return A, b, L
 
@@ -153,7 +150,7 @@ class GaussMarkovPosterior:
         A, b, L = self.transitions()
         means, covs = [self.init_loc], [self.init_cov]
         for k in range(A.shape[0]):
-            means.append(_mv(A[k], means[-1]) + b[k])
+            means.append(matvec(A[k], means[-1]) + b[k])
             covs.append(_symmetric(A[k] @ covs[-1] @ A[k].transpose(-1, -2)) + L[k] @ L[k].mT)
         return torch.stack(means), torch.stack(covs)
 
@@ -217,14 +214,14 @@ def smooth(chain: LinearChain, sites: GaussianSites) -> GaussMarkovPosterior:
         # stopping the whole batch: importance weighting then gives it weight zero.
         R = cholesky_or_nan(eye_m + GtL @ Gt.mT)
         V = torch.linalg.solve_triangular(R, GtL, upper=False)
-        residual = lam - _mv(Lam, c)  # λ - Λ c
-        w = torch.linalg.solve_triangular(R, _mv(Gt, residual).unsqueeze(-1), upper=False)
+        residual = lam - matvec(Lam, c)  # λ - Λ c
+        w = torch.linalg.solve_triangular(R, matvec(Gt, residual).unsqueeze(-1), upper=False)
         w = w.squeeze(-1)
         factors.append(R)
         projections.append(V @ F)
         whitened.append(w)
         Lam = J_k + F.mT @ (Lam - V.mT @ V) @ F
-        lam = j_k + _mv(F.mT, residual - _mv(V.mT, w))
+        lam = j_k + matvec(F.mT, residual - matvec(V.mT, w))
     R = torch.stack(factors[::-1])
     Rt = R.mT
     inv_root_h = 1.0 / root_h
@@ -243,7 +240,7 @@ def smooth(chain: LinearChain, sites: GaussianSites) -> GaussMarkovPosterior:
     S0 = chain.init_cov
     system = eye_d + S0 @ Lam
     init_cov = _symmetric(torch.linalg.solve(system, S0))
-    init_loc = torch.linalg.solve(system, (chain.init_loc + _mv(S0, lam)).unsqueeze(-1))
+    init_loc = torch.linalg.solve(system, (chain.init_loc + matvec(S0, lam)).unsqueeze(-1))
     return GaussMarkovPosterior(
         chain, init_loc.squeeze(-1), init_cov, control_loc, control_gain, step_cov
     )

@@ -85,13 +85,29 @@ def check_diffusion_shape(
         )
 
 
+def matvec(matrix: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
+    """``A x`` over batch dims that broadcast. A matrix shared across a batch dim of the
+    vectors (``A`` ``(K, 1, d, d)``, ``x`` ``(K, B, d)``: a step's coefficient for all
+    particles) goes through ``einsum``, which contracts it as ``K`` products ``(B, d) (d, d)``;
+    ``A @ x[..., None]`` would expand ``A`` into ``K B`` small products, and its backward
+    into ``K B`` outer products summed over ``B`` (11× slower at ``K = 1000``, ``B = 512``,
+    ``d = 8``). Otherwise ``matmul``, the cheaper call on small per-step batches."""
+    shared = (
+        matrix.shape[:-2].numel()
+        < torch.broadcast_shapes(matrix.shape[:-2], vector.shape[:-1]).numel()
+    )
+    if shared:
+        return torch.einsum("...ij,...j->...i", matrix, vector)
+    return (matrix @ vector.unsqueeze(-1)).squeeze(-1)
+
+
 def diffuse(noise_type: str, g: torch.Tensor, dw: torch.Tensor) -> torch.Tensor:
     """``G ΔW``: maps noise ``(..., m)`` to state space ``(..., d)``."""
     if noise_type == "diagonal":
         return g * dw
     if noise_type == "scalar":
         return g[..., 0] * dw
-    return (g @ dw.unsqueeze(-1)).squeeze(-1)
+    return matvec(g, dw)
 
 
 def as_matrix(noise_type: str, g: torch.Tensor) -> torch.Tensor:
@@ -171,7 +187,7 @@ class DiffusionFactor:
         z = self.whiten(r)
         if self.rows is None:
             return z
-        return (self.rows.transpose(-1, -2) @ z.unsqueeze(-1)).squeeze(-1)
+        return matvec(self.rows.transpose(-1, -2), z)
 
     def to_whitened(self, u: torch.Tensor, scale: torch.Tensor | None, covariance: str):
         """Map a noise-space law ``N(h u, h S Sᵀ)`` to whitened coordinates.
@@ -183,7 +199,7 @@ class DiffusionFactor:
         if self.rows is None:
             return u, scale, covariance
         q = self.rows
-        shift = (q @ u.unsqueeze(-1)).squeeze(-1)
+        shift = matvec(q, u)
         if covariance == "prior":
             return shift, None, "prior"  # Q Qᵀ = I
         qs = q * scale.unsqueeze(-2) if covariance == "diagonal" else q @ scale
@@ -252,4 +268,4 @@ def apply_scale(scale: torch.Tensor | None, xi: torch.Tensor, covariance: str) -
         return xi
     if covariance == "diagonal":
         return scale * xi
-    return (scale @ xi.unsqueeze(-1)).squeeze(-1)
+    return matvec(scale, xi)
