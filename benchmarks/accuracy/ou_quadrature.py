@@ -126,6 +126,10 @@ def summarize(marginal, y, points: int) -> dict:
         q05, q95 = np.exp(quantiles_on_grid(values, mass))
         edge = float(max(mass[0], mass[-1]))
         out[name] = {"mean": mean, "sd": sd, "q05": float(q05), "q95": float(q95), "edge": edge}
+    # The mass where an Euler step overshoots the mean (θ h > 1): the aliased mode.
+    theta = np.exp(grids[0].numpy())
+    overshoot = weights.sum((1, 2))[theta * float(marginal.step) > 1].sum()
+    out["theta"]["mass_theta_h_above_1"] = float(overshoot)
     keep = weights > 1e-14
     w, means = weights[keep], mu_mean[keep]
     sds = 1 / np.sqrt(mu_precision[keep])
@@ -157,6 +161,10 @@ def main(argv=None) -> None:
             f"| {name} | {row['mean']:.4f} ({other['mean']:.4f}) | {row['sd']:.4f} "
             f"({other['sd']:.4f}) | {row['q05']:.4f} | {row['q95']:.4f} | {row['edge']:.1e} |"
         )
+    print(
+        f"P(theta h > 1) = {fine['theta']['mass_theta_h_above_1']:.4f} "
+        f"({coarse['theta']['mass_theta_h_above_1']:.4f}), the aliased mode"
+    )
     print(f"{wall:.0f} s wall, {cpu:.0f} s CPU")
     entry = {
         "description": f"{problem.description}; mu integrated analytically, log theta, "
