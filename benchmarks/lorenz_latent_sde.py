@@ -20,6 +20,9 @@ model is built from):
   ``--covariance prior`` is the pure mean shift, what torchsde's ``logqp`` computes (use it to
   compare timings); ``diagonal`` is the tutorial's choice. With ``diagonal`` and the same
   steps this row replays the tutorial's training (same data, initial weights and noise).
+- ``pyro-nsde-linear``: the same model with the tutorial's default guide, ``--guide linear``:
+  ``GirsanovGuide(control="linear", covariance="diagonal")`` with the same encoder, the
+  Gauss–Markov family sampled by a parallel scan (``--covariance`` does not apply).
 - ``torchsde``: our own code mirroring torchsde's ``examples/latent_sde_lorenz.py``: a GRU
   run backward over the observations and a linear map give a context per observation time;
   ``q(z_0)`` is a Gaussian from the first context, ``p(z_0)`` a learned Gaussian; the
@@ -32,6 +35,9 @@ model is built from):
   (0.997), ``β`` linear over 1000 steps (the printed loss is per series here, summed over
   them in pyro-nsde). Like the example it lets ``sdeint`` make its own ``BrownianInterval``
   (no ``dt`` hint); ``--torchsde-bm sized`` passes one sized with ``dt``.
+
+**Same wall time.** ``--minutes M`` stops each implementation's training once its steps
+took ``M`` minutes (``--steps`` is then the most), for comparisons at equal cost.
 
 **What is reported.** The wall time of every training step (``time.perf_counter``), and the
 median and interquartile range over the steps after ``--warmup``; the ELBO (``β = 1``,
@@ -133,7 +139,7 @@ class PyroNSDE:
     """The tutorial's model, guide and SVI, built with its calls in its order."""
 
     def __init__(self, problem: Problem):
-        series, hidden, context = problem.y.shape[0], problem.hidden, problem.context
+        series, hidden = problem.y.shape[0], problem.hidden
         self.data = GriddedSeries.from_series(
             [problem.fit_times] * series, list(problem.fit_y), max_step=problem.max_step
         )
@@ -143,21 +149,25 @@ class PyroNSDE:
             "projector": nn.Linear(LORENZ.LATENT, OBS_DIM),
         }
         self.model = LORENZ.make_model(self.modules, series)
-        drift, diffusion = self.modules["drift"], self.modules["diffusion"]
+        self.guide = self.make_guide(problem)
+        optim = pyro.optim.ClippedAdam({"lr": LEARNING_RATE, "lrd": LR_DECAY})
+        self.svi = SVI(self.model, self.annealed_guide, optim, Trace_ELBO())
+        self.solver_steps = self.data.num_steps
+
+    def make_guide(self, problem: Problem) -> GirsanovGuide:
+        """The tutorial's ``--guide sequential``: a ``PosteriorDriftControl``."""
+        hidden, context = problem.hidden, problem.context
         control = PosteriorDriftControl(
-            drift,
-            diffusion,
+            self.modules["drift"],
+            self.modules["diffusion"],
             LORENZ.LATENT,
             context,
             (hidden, hidden),
             covariance=problem.covariance,
         )
-        self.guide = GirsanovGuide(
+        return GirsanovGuide(
             self.model, control=control, encoder=GRUEncoder(OBS_DIM, context, hidden)
         )
-        optim = pyro.optim.ClippedAdam({"lr": LEARNING_RATE, "lrd": LR_DECAY})
-        self.svi = SVI(self.model, self.annealed_guide, optim, Trace_ELBO())
-        self.solver_steps = self.data.num_steps
 
     def annealed_guide(self, data: GriddedSeries, kl_scale: float = 1.0):
         with poutine.scale(scale=kl_scale):
@@ -183,6 +193,15 @@ class PyroNSDE:
                 dt=FORECAST_DT,
             )
             return self.modules["projector"](z)
+
+
+class PyroNSDELinear(PyroNSDE):
+    """The tutorial's default ``--guide linear``: the Gauss–Markov family
+    (``control="linear"``, diagonal step scale), its coefficients from the same encoder."""
+
+    def make_guide(self, problem: Problem) -> GirsanovGuide:
+        encoder = GRUEncoder(OBS_DIM, problem.context, problem.hidden)
+        return GirsanovGuide(self.model, control="linear", covariance="diagonal", encoder=encoder)
 
 
 def mlp(sizes: tuple, last: type[nn.Module] | None = None) -> nn.Sequential:
@@ -337,7 +356,7 @@ class TorchSDE:
         return torch.stack(paths)
 
 
-IMPLEMENTATIONS = {"pyro-nsde": PyroNSDE, "torchsde": TorchSDE}
+IMPLEMENTATIONS = {"pyro-nsde": PyroNSDE, "pyro-nsde-linear": PyroNSDELinear, "torchsde": TorchSDE}
 
 
 def forecast_scores(future: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
@@ -368,18 +387,23 @@ def run(name: str, problem: Problem, args: argparse.Namespace, rng: torch.Tensor
         start = time.perf_counter()
         losses.append(impl.step(kl_scale))
         seconds.append(time.perf_counter() - start)
-        if step % every == 0 or step == args.steps - 1:
+        out_of_time = args.minutes is not None and sum(seconds) > 60 * args.minutes
+        if step % every == 0 or step == args.steps - 1 or out_of_time:
             print(
                 f"  {name} step {step:4d}  annealed loss {losses[-1]:12.1f}  "
                 f"KL weight {kl_scale:.3f}  {seconds[-1]:.2f} s",
                 flush=True,
             )
+        if out_of_time:
+            break
     elbo_end = impl.elbo()
     rmse, coverage = forecast_scores(impl.forecast(problem.future_times, args.draws), problem.y)
-    timed = seconds[args.warmup :]
+    timed = seconds[args.warmup :] or seconds  # a budget may stop within the warm-up
     quartiles = torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)
     q1, median, q3 = torch.tensor(timed, dtype=torch.float64).quantile(quartiles).tolist()
     result = dict(
+        training_steps=len(seconds),
+        training_seconds=sum(seconds),
         solver_steps=impl.solver_steps,
         seconds_per_step=median,
         seconds_iqr=q3 - q1,
@@ -401,23 +425,26 @@ def run(name: str, problem: Problem, args: argparse.Namespace, rng: torch.Tensor
 def label(name: str, args: argparse.Namespace) -> str:
     if name == "pyro-nsde":
         return f"pyro-nsde (covariance={args.covariance}, max_step={args.max_step:g})"
+    if name == "pyro-nsde-linear":
+        return f"pyro-nsde control='linear' (covariance=diagonal, max_step={args.max_step:g})"
     return f"torchsde ({args.torchsde_bm} BrownianInterval, dt={TORCHSDE_DT:g})"
 
 
 def format_table(results: dict, args: argparse.Namespace, persistence: float) -> str:
     lines = [
-        "| implementation | solver steps | s / step (median) | IQR s | ELBO start | ELBO end "
-        "| forecast RMSE | 90 % coverage |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| implementation | solver steps | training steps (s) | s / step (median) | IQR s "
+        "| ELBO start | ELBO end | forecast RMSE | 90 % coverage |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, r in results.items():
         lines.append(
-            f"| {label(name, args)} | {r['solver_steps']} | {r['seconds_per_step']:.3f} "
+            f"| {label(name, args)} | {r['solver_steps']} | {r['training_steps']} "
+            f"({r['training_seconds']:.0f}) | {r['seconds_per_step']:.3f} "
             f"| {r['seconds_iqr']:.3f} | {r['elbo_start']:.4g} | {r['elbo_end']:.4g} "
             f"| {r['forecast_rmse']:.3f} | {r['forecast_90_coverage']:.2f} |"
         )
     lines.append(
-        f"| last observation carried forward | – | – | – | – | – | {persistence:.3f} | – |"
+        f"| last observation carried forward | – | – | – | – | – | – | {persistence:.3f} | – |"
     )
     return "\n".join(lines)
 
@@ -458,6 +485,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--impls", default=",".join(IMPLEMENTATIONS), help="comma-separated")
     parser.add_argument("--steps", type=int, help="training steps per implementation (100)")
+    parser.add_argument(
+        "--minutes",
+        type=float,
+        help="stop training an implementation once its steps took this long (same wall time "
+        "for all; --steps is then the most)",
+    )
     parser.add_argument("--warmup", type=int, help="steps left out of the median (2)")
     parser.add_argument("--series", type=int, help="number of series (1024)")
     parser.add_argument("--hidden", type=int, help="hidden width (128)")
@@ -516,10 +549,11 @@ def main(argv: list[str] | None = None) -> None:
     load_end = load()
     print(f"load average at end: {load_end}")
     print()
+    budget = "" if args.minutes is None else f" or {args.minutes:g} minutes"
     print(
         f"{args.series} series, latent {LORENZ.LATENT}, hidden {args.hidden}, context "
-        f"{args.context}, fitted on t <= 1.5 ({LORENZ.TRAIN_TIMES} times), {args.steps} steps "
-        f"(median over the last {args.steps - args.warmup}), forecast of (1.5, 2] from "
+        f"{args.context}, fitted on t <= 1.5 ({LORENZ.TRAIN_TIMES} times), at most "
+        f"{args.steps} steps{budget} (median after {args.warmup}), forecast of (1.5, 2] from "
         f"{args.draws} draws"
     )
     print(format_table(results, args, persistence))
