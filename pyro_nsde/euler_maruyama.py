@@ -28,6 +28,31 @@ from .noise import (
     step_log_density,
 )
 
+#: States per call when a drift or diffusion is evaluated on all steps of a path at once
+#: (:func:`at_all_steps`).
+STATES_PER_CALL = 8192
+
+
+def at_all_steps(fn, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``fn(t, x)`` for the states of all steps, ``x`` ``(K, ..., d)`` and ``t`` ``(K, ...)``
+    step-major, evaluated in blocks of consecutive steps of about :data:`STATES_PER_CALL`
+    states each and concatenated. One call on ``K · B`` states streams every layer's
+    activations through memory; blocks that stay in cache are faster, forward and backward
+    (a width-64 MLP on ``1000 × 512`` states of dimension 8: 2.4× on one core). Functions
+    whose output has no step axis (a constant, say) are called once on everything."""
+    num = x.shape[0]
+    per_step = x[0].numel() // max(x.shape[-1], 1)
+    block = max(1, STATES_PER_CALL // max(per_step, 1))
+    if block >= num or t.shape[0] != num:
+        return fn(t, x)
+    pieces = []
+    for start in range(0, num, block):
+        piece = fn(t[start : start + block], x[start : start + block])
+        if piece.dim() < x.dim() or piece.shape[0] != min(block, num - start):
+            return fn(t, x)  # not one output per step
+        pieces.append(piece)
+    return torch.cat(pieces)
+
 
 class SimulatedSteps:
     r"""Per-step quantities of one simulated path, stacked step-major (``(K, ..., ·)``).
@@ -474,8 +499,8 @@ class EulerMaruyama(TorchDistribution):
         x = start.movedim(-2, 0)
         x_next = value[..., 1:, :].movedim(-2, 0)
         t, h = self.grid.stacked(x.dim())
-        f = self.drift(t, x)
-        g = self.diffusion(t, x) if callable(self.diffusion) else self.diffusion
+        f = at_all_steps(self.drift, t, x)
+        g = at_all_steps(self.diffusion, t, x) if callable(self.diffusion) else self.diffusion
         factor = DiffusionFactor(self.noise_type, g)
         z = factor.whiten(x_next - x - h * f)
         return Residuals(x, t, h.squeeze(-1), f, z, factor)

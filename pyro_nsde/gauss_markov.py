@@ -38,7 +38,7 @@ import torch
 
 from . import _path_record
 from .controls import PerStepCoefficients, StepCoefficients
-from .euler_maruyama import SimulatedSteps
+from .euler_maruyama import SimulatedSteps, at_all_steps
 from .girsanov import GirsanovEulerMaruyama
 from .noise import DiffusionFactor, apply_scale, as_matrix, diffuse, matvec
 
@@ -309,12 +309,16 @@ class GaussMarkovEulerMaruyama(GirsanovEulerMaruyama):
         path = torch.cat([first, states]).movedim(0, -2)
         starts = torch.cat([first, states[:-1]])
         if factor is None:
-            g = prior.diffusion(t, starts) if callable(prior.diffusion) else prior.diffusion
+            g = prior.diffusion
+            if callable(g):
+                g = at_all_steps(g, t, starts)
             factor = DiffusionFactor(prior.noise_type, g)
             scale = coefficients._noise_space(scale, g)
 
         def shift():
-            return factor.solve(coefficients.drift(h, starts) - prior.drift(t, starts))
+            return factor.solve(
+                coefficients.drift(h, starts) - at_all_steps(prior.drift, t, starts)
+            )
 
         steps = SimulatedSteps(eps, h.squeeze(-1), factor, shift, scale, self.covariance)
         _path_record.attach(path, _path_record.PathRecord(path, prior.law_key(), steps, self))

@@ -510,3 +510,39 @@ def test_paths_and_densities_follow_the_dtype_of_times(
         assert log_prob.dtype == dtype
         assert torch.allclose(log_prob, expected, rtol=tol)
     assert posterior.skeleton().dtype == dtype
+
+
+def test_drift_and_diffusion_evaluated_in_blocks_of_steps_match_one_call(monkeypatch):
+    """``at_all_steps`` splits the step axis into blocks (here of 3 steps of 4 series, with a
+    shorter last block) and must give the values and gradients of one call; a function
+    without a step axis in its output is called once."""
+    import pyro_nsde.euler_maruyama as em
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 2))
+
+    def drift(t, x):
+        return net(torch.cat([x, t.expand(x.shape[:-1] + (1,))], -1))
+
+    def diffusion(t, x):
+        return 0.5 + 0.1 * x.tanh()
+
+    times = torch.linspace(0.0, 1.0, 11)
+    law = EulerMaruyama(drift, diffusion, dist.Normal(torch.zeros(2), 1.0).to_event(1), times)
+    path = law.expand((4,)).sample().clone()  # a plain tensor: no record of its simulation
+    whole = law.log_prob(path)
+    (grad_whole,) = torch.autograd.grad(whole.sum(), net[0].weight)
+    monkeypatch.setattr(em, "STATES_PER_CALL", 12)
+    calls = []
+    counting = lambda t, x: (calls.append(x.shape[0]), drift(t, x))[1]  # noqa: E731
+    blocked = EulerMaruyama(
+        counting, diffusion, dist.Normal(torch.zeros(2), 1.0).to_event(1), times
+    ).log_prob(path)
+    (grad_blocked,) = torch.autograd.grad(blocked.sum(), net[0].weight)
+    assert calls[-4:] == [3, 3, 3, 1]  # (earlier calls: the shape checks of the constructor)
+    assert torch.allclose(blocked, whole, atol=1e-5)
+    assert torch.allclose(grad_blocked, grad_whole, atol=1e-5)
+    constant = em.at_all_steps(
+        lambda t, x: torch.ones(2), times[:-1, None, None], path[..., :-1, :].movedim(-2, 0)
+    )
+    assert constant.shape == (2,)
