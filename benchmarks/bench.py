@@ -44,7 +44,9 @@ grid is then exact and torchsde's fixed-step loop lands on the grid points witho
 - ``pyro-nsde-linear-series``: the same guide on ``B`` series (``pyro.plate``, one particle
   each, every series observing the same data), each with its own coefficients.
 - ``drift-floor``: not a method, one batched call of the drift MLP on all ``K·B`` states and
-  its backward: the floor of anything that evaluates the drift at every grid point.
+  its backward: the floor of anything that evaluates the drift at every grid point in one call.
+- ``drift-floor-blocked``: the same through :func:`~pyro_nsde.euler_maruyama.at_all_steps`
+  (blocks of consecutive steps, about 8192 states each), as the package evaluates it.
 
 **What is reported.** Per configuration ``(K, B, d)``: the median (and interquartile range) of
 the wall time of single iterations after warm-up, taken round-robin over the implementations
@@ -89,6 +91,7 @@ from torch import nn
 
 import pyro_nsde
 from pyro_nsde import ControlNet, EulerMaruyama, GirsanovGuide
+from pyro_nsde.euler_maruyama import at_all_steps
 
 OBS_EVERY = 10
 DIFFUSION = 0.5
@@ -102,7 +105,9 @@ QUICK_GRID = "20x8x2"
 PARALLEL_GRID = ",".join(
     f"{k}x{b}x{d}" for k in (100, 1000, 10000) for b in (16, 512) for d in (1, 8) if k * b < 5e6
 )
-PARALLEL_IMPLS = "plain-loop,pyro-nsde,pyro-nsde-linear,pyro-nsde-linear-series,drift-floor"
+PARALLEL_IMPLS = (
+    "plain-loop,pyro-nsde,pyro-nsde-linear,pyro-nsde-linear-series,drift-floor,drift-floor-blocked"
+)
 FLOOR = "plain-loop"
 
 
@@ -538,20 +543,32 @@ class DriftFloor(Implementation):
         self.states.grad = None
         self.drift.zero_grad(set_to_none=True)
 
+    def _evaluate(self):
+        return self.drift(self.t, self.states)
+
     def step(self) -> float:
         self._zero()
-        out = self.drift(self.t, self.states)
-        out.backward(self.grad)
+        self._evaluate().backward(self.grad)
         return 0.0
 
     def phases(self) -> tuple:
         """``(forward, backward, 0)``: there is no optimizer step."""
         self._zero()
         start = time.perf_counter()
-        out = self.drift(self.t, self.states)
+        out = self._evaluate()
         forward = time.perf_counter()
         out.backward(self.grad)
         return forward - start, time.perf_counter() - forward, 0.0
+
+
+class DriftFloorBlocked(DriftFloor):
+    """The same drift evaluation and backward through
+    :func:`~pyro_nsde.euler_maruyama.at_all_steps` (blocks of consecutive steps of about
+    8192 states, as the package's vectorized log-densities evaluate the drift): the floor of
+    the parallel-in-time guide as it runs."""
+
+    def _evaluate(self):
+        return at_all_steps(self.drift, self.t, self.states)
 
 
 IMPLEMENTATIONS = {
@@ -565,6 +582,7 @@ IMPLEMENTATIONS = {
     "pyro-nsde-linear": PyroNSDELinear,
     "pyro-nsde-linear-series": PyroNSDELinearSeries,
     "drift-floor": DriftFloor,
+    "drift-floor-blocked": DriftFloorBlocked,
 }
 
 

@@ -24,6 +24,7 @@ IMPLEMENTATIONS = [
     "pyro-nsde-linear",
     "pyro-nsde-linear-series",
     "drift-floor",
+    "drift-floor-blocked",
 ]
 
 
@@ -68,7 +69,8 @@ def test_bench_quick_times_every_implementation_on_one_objective():
             line.split()[:1] == [name] and "another variational family" in line
             for line in output.splitlines()
         ), name
-    assert not any(line.split()[:1] == ["drift-floor"] for line in output.splitlines())
+    for name in ("drift-floor", "drift-floor-blocked"):
+        assert not any(line.split()[:1] == [name] for line in output.splitlines()), name
     phases = [row for name in IMPLEMENTATIONS for row in table_rows(output, f"| {name} |")]
     assert len(phases) == len(IMPLEMENTATIONS)  # the --breakdown table: a row per implementation
     for _, forward, backward, optimizer, total in phases:
@@ -87,6 +89,7 @@ def test_bench_parallel_preset_is_issue_15s_grid():
         "pyro-nsde-linear",
         "pyro-nsde-linear-series",
         "drift-floor",
+        "drift-floor-blocked",
     ]
     configs = {str(config) for config in args.configs}
     assert {"1000x16x1", "1000x512x8", "10000x16x1", "10000x16x8"} <= configs
