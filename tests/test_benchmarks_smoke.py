@@ -113,12 +113,17 @@ def test_memory_script_reports_default_and_checkpointed_rows():
         assert float(row[5]) >= 0 and float(row[6]) > 0
 
 
-def test_lorenz_benchmark_quick_reports_both_implementations(tmp_path):
+def test_lorenz_benchmark_quick_reports_every_implementation(tmp_path):
     output = run_script("lorenz_latent_sde.py", "--quick", "--out", str(tmp_path))
-    rows = table_rows(output, "| pyro-nsde (") + table_rows(output, "| torchsde (")
-    assert len(rows) == 2
+    rows = [
+        *table_rows(output, "| pyro-nsde ("),
+        *table_rows(output, "| pyro-nsde control='linear' ("),
+        *table_rows(output, "| torchsde ("),
+    ]
+    assert len(rows) == 3
     for row in rows:
-        steps, seconds, rmse, coverage = int(row[1]), float(row[2]), float(row[6]), float(row[7])
-        assert steps > 0 and seconds > 0 and rmse > 0 and 0 <= coverage <= 1
+        solver, trained = int(row[1]), int(row[2].split()[0])
+        seconds, rmse, coverage = float(row[3]), float(row[7]), float(row[8])
+        assert solver > 0 and trained == 3 and seconds > 0 and rmse > 0 and 0 <= coverage <= 1
     assert table_rows(output, "| last observation carried forward |")
     assert (tmp_path / "lorenz_latent_sde.json").exists()

@@ -23,7 +23,11 @@ networks are evaluated once over all grid points. In the fast configuration (64 
 trained at 0.06 s a step against 0.26 s for the sequential guide, and in the same wall time
 (1600 against 400 steps, about 100 s) reached an ELBO of 1942 against −214449, a forecast RMSE
 of 0.336 against 0.346 and a 90 % band coverage of 0.72 against 0.39 (one run each, seed 0,
-shared 2-core machine; the full size was not re-run with it). With ``--guide sequential`` a
+shared 2-core machine). At full size the networks dominate a step on the CPU, so both guides
+take about 3 s a step; in 20 minutes of training each (421 and 399 steps, one thread each,
+side by side) the linear guide reached an ELBO of −2.3·10⁶ against −4.7·10⁶, a forecast RMSE
+of 0.330 against 0.352 and a coverage of 0.74 against 0.68 (``docs/neural_sdes.md``). With
+``--guide sequential`` a
 :class:`~pyro_nsde.nn.PosteriorDriftControl` gives the posterior drift and a learned diagonal
 increment covariance (``covariance="diagonal"``: with observations this precise the pure mean
 shift would pull the learned diffusion down, see ``docs/neural_sdes.md``; in the fast run with
