@@ -213,7 +213,7 @@ def _fit_and_forecast(model, values, coords, future, args):
         print(
             f"importance resampling {state}: Pareto k {stats['importance_pareto_k']:.2f}, "
             f"effective sample size {stats['importance_ess']:.0f} of "
-            f"{IMPORTANCE_PROPOSALS * args.samples} proposals"
+            f"{stats['importance_proposals']} weighted proposals"
         )
     return losses, idata, forecast(model, idata, future, model_args=(values,))
 

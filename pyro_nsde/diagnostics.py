@@ -307,6 +307,7 @@ def _resampled(model, guide, draws: _Draws, nesting: int, args, kwargs, options)
     draws.attrs = {
         "importance_pareto_k": result.pareto_k,
         "importance_ess": result.ess,
+        "importance_proposals": int(result.log_weights.numel()),
         "importance_resampled": int(result.reliable),
     }
     if not result.reliable:
@@ -589,10 +590,11 @@ def to_inference_data(
     :param importance_resampling: with a guide, correct its draws towards the posterior by
         importance resampling (:func:`~pyro_nsde.importance.importance_resample`: proposals
         from the guide widened into Student-t laws, Pareto-smoothed weights): ``True``, or a
-        dict of its options (``num_proposals``, ``df``, ``inflate``). The draws are replaced
-        only if the weights' Pareto ``k̂`` is below 0.7, else the guide's own draws are kept
-        with a warning; ``sample_stats.attrs`` records ``importance_pareto_k``,
-        ``importance_ess`` and ``importance_resampled``. The ``log_weight`` statistic (of the
+        dict of its options (``num_proposals``, ``df``, ``inflate``, ``rounds``). The draws are
+        replaced only if the weights' Pareto ``k̂`` is below 0.7, else the guide's own draws
+        are kept with a warning; ``sample_stats.attrs`` records ``importance_pareto_k``,
+        ``importance_ess``, ``importance_proposals`` (how many weighted proposals the draws
+        were resampled from) and ``importance_resampled``. The ``log_weight`` statistic (of the
         guide's own draws) is then left out, and ``lp`` is that of the returned draws.
     :returns: :class:`arviz.InferenceData` or :class:`xarray.DataTree`.
     """
