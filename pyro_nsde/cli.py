@@ -341,10 +341,10 @@ def overshoot_note(model: OrnsteinUhlenbeck, theta, columns, threshold: float = 
     step past the mean, ``θ h > 1`` for the grid's largest step ``h``; ``None`` otherwise.
 
     There the chain's factor ``a = 1 - θ h`` is negative, and with an even number of steps
-    between observations the discretized model cannot tell ``a`` from ``-a``: it has a second
-    mode at ``θ' = (2 - θ h) / h`` that the SDE does not have. Exact inference on the
-    discretized model finds it (its mass is about the prior's ratio at ``θ'`` and ``θ``), and
-    it inflates ``θ``'s sd far more than its quantiles."""
+    between observations the discretized model barely tells ``a`` from ``-a`` (not at all for
+    ``μ = 0``): it has a second mode at ``θ' = (2 - θ h) / h`` that the SDE does not have.
+    Exact inference on the discretized model finds it (its mass is about the prior's ratio at
+    ``θ'`` and ``θ``), and it inflates ``θ``'s sd far more than its quantiles."""
     step = float(model.times.diff().max())
     draws = np.asarray(theta).reshape(-1, len(columns))
     shares = (draws * step > 1).mean(0)
