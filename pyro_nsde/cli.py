@@ -50,7 +50,8 @@ PUBLISHED_RATES = {"alpha": 0.55, "beta": 0.028, "gamma": 0.80, "delta": 0.024}
 #: posterior's mean path (``conditional="kalman"``, the default for the affine control).
 GUIDE_OPTIONS = {"control": "affine", "covariance": "full", "latents": "multivariate"}
 
-#: Proposals per draw of the importance resampling of the guide's draws.
+#: Proposals per draw in each round of the importance resampling of the guide's draws (a
+#: pilot round and two adapted ones: :func:`~pyro_nsde.importance.importance_resample`).
 IMPORTANCE_PROPOSALS = 8
 
 #: Defaults of ``--steps`` and ``--samples``, and their values under ``PYRO_NSDE_FAST=1``.

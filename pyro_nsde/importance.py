@@ -9,7 +9,10 @@ sampling (Yao et al. 2018): draw ``M`` proposals ``z_s ~ r``, weight them by
 families widened into Student-t ones (:class:`WidenMessenger`: same location, scale ×
 ``inflate``, ``df`` degrees of freedom), so that the weights have a finite variance where
 the guide is too narrow; path sites keep the guide's own conditional law given the drawn
-parameters.
+parameters. Where the guide has a multivariate site (the rates and scales of
+``latents="multivariate"``), its proposal is then adapted over a few rounds to the weighted
+moments of the draws so far (adaptive multiple importance sampling, Cornuet et al. 2012), the
+first round serving as a pilot.
 
 The Pareto shape ``k̂`` of the weights says whether this worked: below 0.7 the resampled
 draws are reliable (their estimates converge at the Monte Carlo rate), above it the proposal
@@ -21,6 +24,8 @@ misses too much of the posterior and the guide's own draws are as good as it get
     Evaluating Variational Inference", ICML.
 [2] Aki Vehtari, Daniel Simpson, Andrew Gelman, Yuling Yao, Jonah Gabry (2024), "Pareto
     Smoothed Importance Sampling", JMLR.
+[3] Jean-Marie Cornuet, Jean-Michel Marin, Antonietta Mira, Christian P. Robert (2012),
+    "Adaptive Multiple Importance Sampling", Scandinavian Journal of Statistics.
 """
 
 import dataclasses
@@ -198,11 +203,6 @@ def importance_resample(
     :param int rounds: proposal rounds (1: the widened guide alone; ``R > 1``: ``R - 1``
         adapted rounds are returned). Guides without multivariate sites have one.
     :param int max_plate_nesting: the model's plate nesting.
-
-    **References:**
-
-    [1] Jean-Marie Cornuet, Jean-Michel Marin, Antonietta Mira, Christian P. Robert (2012),
-        "Adaptive Multiple Importance Sampling", Scandinavian Journal of Statistics.
     """
     num_proposals = 4 * num_samples if num_proposals is None else num_proposals
     if not (isinstance(rounds, int) and rounds >= 1):
