@@ -38,7 +38,7 @@ def at_all_steps(fn, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     step-major, evaluated in blocks of consecutive steps of about :data:`STATES_PER_CALL`
     states each and concatenated. One call on ``K · B`` states streams every layer's
     activations through memory; blocks that stay in cache are faster, forward and backward
-    (a width-64 MLP on ``1000 × 512`` states of dimension 8: 2.4× on one core). Functions
+    (a width-64 MLP on ``1000 × 512`` states of dimension 8: 1.9× on one core). Functions
     whose output has no step axis (a constant, say) are called once on everything."""
     num = x.shape[0]
     per_step = x[0].numel() // max(x.shape[-1], 1)
