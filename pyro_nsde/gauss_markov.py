@@ -292,7 +292,9 @@ class GaussMarkovEulerMaruyama(GirsanovEulerMaruyama):
             factor = None  # G is evaluated at the sampled states, below
         else:
             probe = x0.expand((num_steps,) + x0.shape)  # G must not depend on the state
-            g = prior.diffusion(t, probe) if callable(prior.diffusion) else prior.diffusion
+            g = prior.diffusion
+            if callable(g):
+                g = at_all_steps(g, t, probe)
             factor = DiffusionFactor(prior.noise_type, g)
             dw = root_h * apply_scale(scale, eps, self.covariance)
             noise = diffuse(prior.noise_type, g, dw)

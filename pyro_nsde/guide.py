@@ -896,6 +896,12 @@ class GirsanovGuide(AutoGuide):
                 self.refresh(*args, **kwargs)
         plates = self._create_plates(*args, **kwargs)
         values = self._latent_values(args, kwargs)
+        return self._draw_paths(plates, values, args, kwargs, pyro.sample)
+
+    def _draw_paths(self, plates, values, args, kwargs, draw) -> dict:
+        """For each path site in turn, its posterior law given ``values`` (the other latent
+        sites, and the paths drawn before it), and ``values[name] = draw(name, law)`` inside
+        the site's plates; returns ``values``."""
         context, encoded = None, False
         for name in self._path_sites:
             prior = self.prior(name, values, plates, *args, **kwargs)
@@ -907,7 +913,7 @@ class GirsanovGuide(AutoGuide):
                 base = self._kalman_base(name, prior, values, args, kwargs)
             with self._site_plates([name], plates):
                 posterior = self._posterior(name, prior, context, plates, params, base)
-                values[name] = pyro.sample(name, posterior)
+                values[name] = draw(name, posterior)
         return values
 
     @torch.no_grad()
@@ -921,22 +927,12 @@ class GirsanovGuide(AutoGuide):
             raise NotImplementedError("median() is not available with subsampled plates")
         plates = self._create_plates(*args, **kwargs)
         values = self._latent_values(args, kwargs, median=True)
+
+        def skeleton(name, posterior):
+            return (posterior.base_dist if self._path_sites[name] else posterior).skeleton()
+
         with poutine.block():
-            context, encoded = None, False
-            for name in self._path_sites:
-                prior = self.prior(name, values, plates, *args, **kwargs)
-                if not encoded:
-                    context, encoded = self._encode(plates, args, kwargs), True
-                params = self._params(name, values, len(prior.batch_shape))
-                base = None
-                if self._modes[name] == "kalman":
-                    base = self._kalman_base(name, prior, values, args, kwargs)
-                with self._site_plates([name], plates):
-                    posterior = self._posterior(name, prior, context, plates, params, base)
-                    if self._path_sites[name]:
-                        posterior = posterior.base_dist
-                    values[name] = posterior.skeleton()
-        return values
+            return self._draw_paths(plates, values, args, kwargs, skeleton)
 
 
 def _finite_fit(posterior, path) -> bool:

@@ -48,11 +48,11 @@ class WidenMessenger(Messenger):
     location and ``inflate`` times the scale. Other sites (paths, deltas) are left alone.
 
     :param float df: degrees of freedom of the Student-t laws.
-    :ivar dict laws: ``{site: law}``, the Student-t laws of the multivariate sites without
-        batch dims seen in the last run (the sites whose proposal can be adapted).
     :param float inflate: the factor on the scale.
     :param dict moments: ``{site: (loc, scale_tril)}`` to centre and scale the Student-t law of
         a multivariate site at instead of the guide's (an adapted proposal).
+    :ivar dict laws: ``{site: law}``, the Student-t laws of the multivariate sites without
+        batch dims seen in the last run (the sites whose proposal can be adapted).
     """
 
     def __init__(self, df: float = 5.0, inflate: float = 1.3, moments: dict | None = None):
