@@ -38,14 +38,15 @@ grid is then exact and torchsde's fixed-step loop lands on the grid points witho
   ``GirsanovGuide(model, control="linear", covariance="full", init_path="prior")``: a
   Gauss–Markov posterior (:class:`~pyro_nsde.GaussMarkovEulerMaruyama`, posterior drift
   ``(a_k + B_k x) / sqrt(h)``, increment scale ``S_k``) sampled by the parallel scan
-  :func:`~pyro_nsde.gauss_markov.affine_scan`, one set of coefficients for the series, shared
+  :func:`~pyro_nsde.posterior.gauss_markov.affine_scan`, one set of coefficients for the series,
+  shared
   by the ``B`` particles. Another variational family: its ELBO is not the plain loop's, so the
   sanity check prints it without comparing.
 - ``pyro-nsde-linear-series``: the same guide on ``B`` series (``pyro.plate``, one particle
   each, every series observing the same data), each with its own coefficients.
 - ``drift-floor``: not a method, one batched call of the drift MLP on all ``K·B`` states and
   its backward: the floor of anything that evaluates the drift at every grid point in one call.
-- ``drift-floor-blocked``: the same through :func:`~pyro_nsde.euler_maruyama.at_all_steps`
+- ``drift-floor-blocked``: the same through :func:`~pyro_nsde.sde.euler_maruyama.at_all_steps`
   (blocks of consecutive steps, about 8192 states each), as the package evaluates it.
 
 **What is reported.** Per configuration ``(K, B, d)``: the median (and interquartile range) of
@@ -91,7 +92,7 @@ from torch import nn
 
 import pyro_nsde
 from pyro_nsde import ControlNet, EulerMaruyama, GirsanovGuide
-from pyro_nsde.euler_maruyama import at_all_steps
+from pyro_nsde.sde.euler_maruyama import at_all_steps
 
 OBS_EVERY = 10
 DIFFUSION = 0.5
@@ -472,7 +473,7 @@ class TorchSDE(_TorchImplementation):
 class PyroNSDELinear(PyroNSDE):
     """Parallel in time (issue 15): the same model, ``GirsanovGuide(model, control="linear",
     covariance="full", init_path="prior")``, a :class:`~pyro_nsde.GaussMarkovEulerMaruyama`
-    path sampled by :func:`~pyro_nsde.gauss_markov.affine_scan` (no loop over steps; the
+    path sampled by :func:`~pyro_nsde.posterior.gauss_markov.affine_scan` (no loop over steps; the
     drift is evaluated once, on all ``K·B`` states, for ``log p`` and the KL). One set of
     coefficients ``(a_k, B_k, S_k)`` for the one series, shared by the ``B`` particles.
     ``init_path="prior"`` skips the Laplace fit at setup: the timed step is the SVI step."""
@@ -563,7 +564,7 @@ class DriftFloor(Implementation):
 
 class DriftFloorBlocked(DriftFloor):
     """The same drift evaluation and backward through
-    :func:`~pyro_nsde.euler_maruyama.at_all_steps` (blocks of consecutive steps of about
+    :func:`~pyro_nsde.sde.euler_maruyama.at_all_steps` (blocks of consecutive steps of about
     8192 states, as the package's vectorized log-densities evaluate the drift): the floor of
     the parallel-in-time guide as it runs."""
 

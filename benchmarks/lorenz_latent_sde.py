@@ -84,10 +84,10 @@ from torch.distributions import Normal, kl_divergence
 
 import pyro_nsde
 from pyro_nsde import GirsanovGuide
-from pyro_nsde.encoders import GRUEncoder
-from pyro_nsde.nn import DiffusionNet, DriftNet, PosteriorDriftControl
-from pyro_nsde.predict import predictive_paths
-from pyro_nsde.series import GriddedSeries
+from pyro_nsde.analysis.predict import predictive_paths
+from pyro_nsde.zoo.encoders import GRUEncoder
+from pyro_nsde.zoo.nn import DiffusionNet, DriftNet, PosteriorDriftControl
+from pyro_nsde.zoo.series import GriddedSeries
 
 TUTORIAL = pathlib.Path(__file__).resolve().parents[1] / "tutorials" / "lorenz.py"
 LEARNING_RATE, LR_DECAY = 0.01, 0.997

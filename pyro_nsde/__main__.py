@@ -1,6 +1,6 @@
-"""``python -m pyro_nsde``: the command line (see :mod:`pyro_nsde.cli`)."""
+"""``python -m pyro_nsde``: the command line (see :mod:`pyro_nsde.app.cli`)."""
 
-from .cli import main
+from .app.cli import main
 
 if __name__ == "__main__":
     main()

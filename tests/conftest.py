@@ -8,7 +8,7 @@ the prior) and residual ``r = x_{k+1} - x_k - h f``:
 - ``m ≥ d`` (``G Gᵀ`` invertible): ``r ~ N_d(h G u, h G S Sᵀ Gᵀ)``, a density on ``R^d``;
 - ``m < d`` (``G`` of full column rank): the density on ``x_k + h f + range(G)`` is
   ``N_m(ΔW; h u, h S Sᵀ) - ½ log det(Gᵀ G)``, with ``ΔW`` the least-squares solution of
-  ``G ΔW = r`` (the reference measure documented in :mod:`pyro_nsde.noise`).
+  ``G ΔW = r`` (the reference measure documented in :mod:`pyro_nsde.sde.noise`).
 """
 
 import pyro

@@ -1,4 +1,5 @@
-"""The adapter over the two ArviZ lines (``pyro_nsde._arviz``), on whichever line is installed.
+"""The adapter over the two ArviZ lines (``pyro_nsde.analysis.arviz_adapter``), on whichever line
+is installed.
 
 Every test runs on ArviZ 0.x and on ArviZ ≥ 1. Tests over containers take every container the
 installed line can build: ``InferenceData`` and ``DataTree`` with ArviZ 0.x and ``arviz-base``,
@@ -16,8 +17,8 @@ import pytest
 import xarray as xr
 from scipy.special import logsumexp
 
-from pyro_nsde import _arviz
-from pyro_nsde._arviz import (
+from pyro_nsde.analysis import arviz_adapter as _arviz
+from pyro_nsde.analysis.arviz_adapter import (
     build,
     check_container,
     default_container,

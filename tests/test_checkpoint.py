@@ -13,7 +13,7 @@ import torch
 from pyro.infer import SVI, Trace_ELBO
 
 from pyro_nsde import EulerMaruyama, GirsanovGuide
-from pyro_nsde.checkpoint import load_checkpoint, save_checkpoint
+from pyro_nsde.app.checkpoint import load_checkpoint, save_checkpoint
 
 N_SERIES = 3
 TIMES = torch.linspace(0.0, 1.0, 11)

@@ -21,10 +21,10 @@ from pyro.infer import Predictive
 from torch.distributions import LogNormal, Normal
 
 from pyro_nsde import GirsanovGuide
-from pyro_nsde._arviz import group_names
-from pyro_nsde.cli import interval_coverage, main, overshoot_note
-from pyro_nsde.forecast import forecast
-from pyro_nsde.models import (
+from pyro_nsde.analysis.arviz_adapter import group_names
+from pyro_nsde.analysis.forecast import forecast
+from pyro_nsde.app.cli import interval_coverage, main, overshoot_note
+from pyro_nsde.zoo.models import (
     LotkaVolterra,
     NeuralSDE,
     OrnsteinUhlenbeck,
@@ -162,7 +162,7 @@ def test_ornstein_uhlenbeck_log_joint_matches_the_state_space_density(default_dt
 
 
 def test_predictive_draws_drive_the_forecast_of_each_draw_with_its_own_parameters():
-    """The models' layout is the one Predictive(parallel=True) and pyro_nsde.forecast use:
+    """The models' layout is the one Predictive(parallel=True) and pyro_nsde.analysis.forecast use:
     with a vanishing diffusion each forecast path is the Euler–Maruyama recursion of the
     Lotka–Volterra ODE from that draw's last state, with that draw's rates."""
     model = LotkaVolterra(torch.arange(4.0), torch.tensor([3.0, 1.5]), steps_per_unit=4)

@@ -13,7 +13,8 @@ import pytest
 import torch
 from pyro.infer import SVI, Trace_ELBO
 
-from pyro_nsde import ControlNet, EulerMaruyama, GirsanovGuide, _compile
+from pyro_nsde import ControlNet, EulerMaruyama, GirsanovGuide
+from pyro_nsde.sde import compile as _compile
 
 
 @pytest.fixture(autouse=True)

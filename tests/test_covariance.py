@@ -34,7 +34,7 @@ from test_guide import (
 )
 
 from pyro_nsde import ControlNet, EulerMaruyama
-from pyro_nsde.controls import MIN_SCALE
+from pyro_nsde.posterior.controls import MIN_SCALE
 
 
 @pytest.mark.parametrize("problem", [OU, OSCILLATOR], ids=["ou", "oscillator"])

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from pyro_nsde.datasets import MIN_ROWS, lynx_hare, read_csv
+from pyro_nsde.zoo.datasets import MIN_ROWS, lynx_hare, read_csv
 
 # The Hudson's Bay Company pelts (thousands), 1900-1920, as printed in the issue / Carpenter (2018).
 HARE = [30, 47.2, 70.2, 77.4, 36.3, 20.6, 18.1, 21.4, 22, 25.4, 27.1, 40.3, 57, 76.6, 52.3,

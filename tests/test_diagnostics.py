@@ -26,8 +26,7 @@ from pyro.infer import MCMC, NUTS
 from reference import LinearGaussianPath, init_posterior, step_noise_regressions
 
 from pyro_nsde import EulerMaruyama, GirsanovGuide
-from pyro_nsde._arviz import group_names
-from pyro_nsde.diagnostics import (
+from pyro_nsde.analysis import (
     from_netcdf,
     loo,
     pareto_khat,
@@ -38,6 +37,7 @@ from pyro_nsde.diagnostics import (
     to_netcdf,
     variational_diagnostics,
 )
+from pyro_nsde.analysis.arviz_adapter import group_names
 
 SIGMA, NOISE = 0.7, 0.3
 

@@ -1,4 +1,4 @@
-"""Data-parallel SVI on torch.distributed (``pyro_nsde.distributed``).
+"""Data-parallel SVI on torch.distributed (``pyro_nsde.app.distributed``).
 
 The two-process test launches real ``gloo`` processes on the loopback interface. The model:
 ``N = 5`` Ornstein–Uhlenbeck series with a global drift rate ``θ`` (a ``pyro.param``), a
@@ -24,7 +24,7 @@ from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.autoguide import init_to_sample
 
 from pyro_nsde import EulerMaruyama, GirsanovGuide
-from pyro_nsde.distributed import DataParallelSVI, shard_indices
+from pyro_nsde.app.distributed import DataParallelSVI, shard_indices
 
 NUM_SERIES = 5
 SHARDS = ([0, 1, 2], [3, 4])  # what shard_indices must give two processes, written by hand

@@ -1,4 +1,4 @@
-"""Tests of the terminal-point deep latent Gaussian model (pyro_nsde.dlgm) and its tutorial."""
+"""Tests of the terminal-point deep latent Gaussian model (pyro_nsde.zoo.dlgm) and its tutorial."""
 
 import json
 import math
@@ -14,7 +14,7 @@ import torch
 from pyro.infer import SVI, Trace_ELBO
 from torch.distributions import MultivariateNormal
 
-from pyro_nsde.dlgm import (
+from pyro_nsde.zoo.dlgm import (
     DLGM,
     VAE,
     ImageEncoder,

@@ -5,8 +5,8 @@ import torch
 from pyro.infer import SVI, Trace_ELBO
 
 from pyro_nsde import EulerMaruyama, GirsanovGuide
-from pyro_nsde.encoders import GRUEncoder
-from pyro_nsde.series import GriddedSeries
+from pyro_nsde.zoo.encoders import GRUEncoder
+from pyro_nsde.zoo.series import GriddedSeries
 
 TIMES = [torch.tensor([0.0, 0.4, 1.0]), torch.tensor([0.1, 0.5, 0.8, 1.0]), torch.tensor([0.3])]
 

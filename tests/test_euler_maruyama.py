@@ -516,7 +516,7 @@ def test_drift_and_diffusion_evaluated_in_blocks_of_steps_match_one_call(monkeyp
     """``at_all_steps`` splits the step axis into blocks (here of 3 steps of 4 series, with a
     shorter last block) and must give the values and gradients of one call; a function
     without a step axis in its output is called once."""
-    import pyro_nsde.euler_maruyama as em
+    import pyro_nsde.sde.euler_maruyama as em
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 2))

@@ -1,4 +1,5 @@
-"""Posterior forecasts (:func:`~pyro_nsde.forecast.forecast`) against exact predictive laws.
+"""Posterior forecasts (:func:`~pyro_nsde.analysis.forecast.forecast`) against exact predictive
+laws.
 
 For the Ornstein–Uhlenbeck SDE ``dX = -θ X dt + σ dW`` the Euler–Maruyama chain on a forecast
 grid ``t_K = s_0 < s_1 < ...`` from ``x(s_0) ~ N(m_0, v_0)`` is Gaussian with
@@ -20,8 +21,8 @@ import torch
 from reference import LinearGaussianPath
 
 from pyro_nsde import EulerMaruyama, GirsanovGuide
-from pyro_nsde.diagnostics import to_inference_data
-from pyro_nsde.forecast import forecast
+from pyro_nsde.analysis import to_inference_data
+from pyro_nsde.analysis.forecast import forecast
 
 THETA, SIGMA, NOISE = 1.2, 0.6, 0.2
 TIMES = torch.linspace(0.0, 2.0, 21)

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from pyro_nsde import EulerMaruyama, GaussMarkovEulerMaruyama, LinearControl
-from pyro_nsde.euler_maruyama import simulate
-from pyro_nsde.gauss_markov import affine_scan, check_linear_family
+from pyro_nsde.posterior.gauss_markov import affine_scan, check_linear_family
+from pyro_nsde.sde.euler_maruyama import simulate
 
 
 def _loop(A, b, x0, diagonal=False):
@@ -190,7 +190,7 @@ def test_amortized_linear_guide_learns_the_posterior_of_many_series():
     from reference import LinearGaussianPath
 
     from pyro_nsde import GirsanovGuide, GRUEncoder
-    from pyro_nsde.series import GriddedSeries
+    from pyro_nsde.zoo.series import GriddedSeries
 
     generator = torch.Generator().manual_seed(3)
     num, steps, every = 64, 40, 4

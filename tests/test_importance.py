@@ -8,7 +8,7 @@ import pytest
 import torch
 from pyro.infer.autoguide import AutoMultivariateNormal, AutoNormal
 
-from pyro_nsde.importance import (
+from pyro_nsde.analysis.importance import (
     WidenMessenger,
     importance_resample,
     psis_weights,
@@ -142,7 +142,7 @@ def test_systematic_resampling_follows_the_weights():
 
 def test_to_inference_data_resamples_only_when_k_hat_allows(recwarn):
     from pyro_nsde import to_inference_data
-    from pyro_nsde._arviz import group
+    from pyro_nsde.analysis.arviz_adapter import group
 
     poor = AutoMultivariateNormal(_model, init_scale=0.05)
     poor()
@@ -163,7 +163,7 @@ def test_to_inference_data_resamples_the_draws_of_a_good_guide():
     from test_diagnostics import optimal_affine_guide
 
     from pyro_nsde import GirsanovGuide, to_inference_data
-    from pyro_nsde._arviz import group
+    from pyro_nsde.analysis.arviz_adapter import group
 
     model, _, y, _ = optimal_affine_guide("full", 10, noise=0.1)
     pyro.clear_param_store()
@@ -180,7 +180,7 @@ def test_to_inference_data_resamples_the_draws_of_a_good_guide():
 
 
 def test_equal_weights_of_an_exact_guide_count_as_reliable():
-    from pyro_nsde.importance import ImportanceDraws
+    from pyro_nsde.analysis.importance import ImportanceDraws
 
     weights, khat = psis_weights(torch.zeros(1000))
     draws = ImportanceDraws(None, torch.zeros(1000), weights, torch.arange(10), khat, 1000.0)

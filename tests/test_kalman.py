@@ -2,7 +2,8 @@
 
 ``tests/reference.py`` conditions the whole path, written as a linear map of its Gaussian noise,
 on the observations with dense linear algebra; it knows nothing of filters. The smoother of
-:mod:`pyro_nsde.kalman` must reproduce its conditional law of each Wiener increment given the
+:mod:`pyro_nsde.posterior.kalman` must reproduce its conditional law of each Wiener increment given
+the
 state (the control and increment covariance of the best Girsanov guide), the posterior of
 ``x_0`` and the marginals, for full-rank and rank-deficient noise, a known ``x_0`` and
 non-uniform grids.
@@ -12,7 +13,7 @@ import pytest
 import torch
 from reference import LinearGaussianPath, init_posterior, step_noise_regressions
 
-from pyro_nsde.kalman import GaussianSites, LinearChain, smooth
+from pyro_nsde.posterior.kalman import GaussianSites, LinearChain, smooth
 
 F64 = torch.float64
 

@@ -9,8 +9,8 @@ from reference import step_noise_regressions
 from test_guide import LinearProblem
 
 from pyro_nsde import EulerMaruyama
-from pyro_nsde.guide import unwrap_path_distribution
-from pyro_nsde.laplace import laplace, linearize, quadratic_sites
+from pyro_nsde.guide.guide import unwrap_path_distribution
+from pyro_nsde.posterior.laplace import laplace, linearize, quadratic_sites
 
 F64 = torch.float64
 

@@ -7,7 +7,7 @@ from pyro.infer import SVI, Trace_ELBO
 from pyro.nn import PyroModule
 
 from pyro_nsde import EulerMaruyama, GirsanovGuide
-from pyro_nsde.nn import DiffusionNet, DriftNet, PosteriorDriftControl, TimeFeatures
+from pyro_nsde.zoo.nn import DiffusionNet, DriftNet, PosteriorDriftControl, TimeFeatures
 
 
 @pytest.fixture(autouse=True)

@@ -19,10 +19,10 @@ import torch
 from pyro.infer import SVI, Trace_ELBO
 
 from pyro_nsde import EulerMaruyama, GirsanovGuide
-from pyro_nsde._arviz import group
-from pyro_nsde.diagnostics import to_inference_data
-from pyro_nsde.forecast import forecast
-from pyro_nsde.plots import hdi, plot_elbo, plot_forecast, plot_path_bands
+from pyro_nsde.analysis import to_inference_data
+from pyro_nsde.analysis.arviz_adapter import group
+from pyro_nsde.analysis.forecast import forecast
+from pyro_nsde.analysis.plots import hdi, plot_elbo, plot_forecast, plot_path_bands
 
 TIMES = torch.linspace(0.0, 3.0, 25)
 OBS_STEPS = torch.arange(3, 25, 3)

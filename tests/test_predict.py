@@ -8,8 +8,8 @@ import torchsde
 from pyro.infer import SVI, Trace_ELBO
 
 from pyro_nsde import EulerMaruyama, GirsanovGuide
-from pyro_nsde.nn import DiffusionNet, DriftNet
-from pyro_nsde.predict import predictive_paths, solve_sde
+from pyro_nsde.analysis.predict import predictive_paths, solve_sde
+from pyro_nsde.zoo.nn import DiffusionNet, DriftNet
 
 
 @pytest.fixture(autouse=True)

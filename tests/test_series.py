@@ -9,9 +9,9 @@ from pyro import poutine
 from pyro.infer import Trace_ELBO
 
 from pyro_nsde import ControlNet, EulerMaruyama, GirsanovGuide
-from pyro_nsde.encoders import GRUEncoder
-from pyro_nsde.nn import DiffusionNet, DriftNet
-from pyro_nsde.series import (
+from pyro_nsde.zoo.encoders import GRUEncoder
+from pyro_nsde.zoo.nn import DiffusionNet, DriftNet
+from pyro_nsde.zoo.series import (
     GriddedSeries,
     common_grid,
     minibatches,

@@ -2,9 +2,9 @@
 
 The truth is the double well ``dx = (x - x³) dt + σ dW``, ``σ = 0.6``, simulated with torchsde
 at a step of 0.0025 from ``x_0 ~ U(-2, 2)`` and observed every 0.05 time units (21 points per
-series) with noise 0.05. The model learns a :class:`~pyro_nsde.nn.DriftNet` and a constant
-:class:`~pyro_nsde.nn.DiffusionNet` on the observation grid (``h = 0.05``) with an amortized
-Girsanov guide (a GRU encoder and a :class:`~pyro_nsde.nn.PosteriorDriftControl`).
+series) with noise 0.05. The model learns a :class:`~pyro_nsde.zoo.nn.DriftNet` and a constant
+:class:`~pyro_nsde.zoo.nn.DiffusionNet` on the observation grid (``h = 0.05``) with an amortized
+Girsanov guide (a GRU encoder and a :class:`~pyro_nsde.zoo.nn.PosteriorDriftControl`).
 
 Errors are measured against the true drift on the visited region (the RMS over the true
 latent states of the data, relative to the RMS of the true drift there) and against the true
@@ -38,9 +38,9 @@ import torchsde
 from pyro.infer import SVI, Trace_ELBO
 
 from pyro_nsde import EulerMaruyama, GirsanovGuide
-from pyro_nsde.encoders import GRUEncoder
-from pyro_nsde.nn import DiffusionNet, DriftNet, PosteriorDriftControl
-from pyro_nsde.series import GriddedSeries
+from pyro_nsde.zoo.encoders import GRUEncoder
+from pyro_nsde.zoo.nn import DiffusionNet, DriftNet, PosteriorDriftControl
+from pyro_nsde.zoo.series import GriddedSeries
 
 SIGMA, OBS_NOISE, STEP, NUM_STEPS = 0.6, 0.05, 0.05, 20
 

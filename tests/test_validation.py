@@ -18,7 +18,7 @@ from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.autoguide import AutoNormal
 
 from pyro_nsde import ControlNet, EulerMaruyama, GirsanovGuide
-from pyro_nsde.numerics import CheckedSVI, find_nonfinite_site
+from pyro_nsde.app.numerics import CheckedSVI, find_nonfinite_site
 
 TIMES = torch.linspace(0.0, 1.0, 6)
 
@@ -989,7 +989,7 @@ def test_checked_svi_follows_the_same_trajectory_as_svi():
 
 
 def _gridded(num):
-    from pyro_nsde.series import GriddedSeries
+    from pyro_nsde.zoo.series import GriddedSeries
 
     generator = torch.Generator().manual_seed(num)
     times = torch.linspace(0.0, 1.0, 6)

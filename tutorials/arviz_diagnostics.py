@@ -17,9 +17,10 @@ discretized by Euler–Maruyama on ``K`` steps. The data are simulated from the 
 
 It runs on both ArviZ lines: ArviZ 0.x (an ``InferenceData``; ``az.summary``, ``az.loo``,
 ``az.plot_ppc``) and ArviZ 1.x (an ``xarray.DataTree``; ``arviz_stats.summary``,
-``arviz_stats.loo``, ``arviz_plots.plot_ppc_dist``), through :func:`~pyro_nsde.diagnostics.summary`,
-:func:`~pyro_nsde.diagnostics.loo`, :func:`~pyro_nsde.diagnostics.plot_ppc` and
-:func:`~pyro_nsde.diagnostics.to_netcdf`, which call whichever is installed.
+``arviz_stats.loo``, ``arviz_plots.plot_ppc_dist``), through
+:func:`~pyro_nsde.analysis.summary`,
+:func:`~pyro_nsde.analysis.loo`, :func:`~pyro_nsde.analysis.plot_ppc` and
+:func:`~pyro_nsde.analysis.to_netcdf`, which call whichever is installed.
 
 Run::
 
@@ -38,7 +39,7 @@ import torch
 from pyro.infer import SVI, Trace_ELBO
 
 from pyro_nsde import EulerMaruyama, GirsanovGuide
-from pyro_nsde.diagnostics import (
+from pyro_nsde.analysis import (
     loo,
     plot_ppc,
     summary,
@@ -46,8 +47,8 @@ from pyro_nsde.diagnostics import (
     to_netcdf,
     variational_diagnostics,
 )
-from pyro_nsde.forecast import forecast
-from pyro_nsde.plots import plot_elbo, plot_forecast, plot_path_bands
+from pyro_nsde.analysis.forecast import forecast
+from pyro_nsde.analysis.plots import plot_elbo, plot_forecast, plot_path_bands
 
 FAST = os.environ.get("PYRO_NSDE_FAST") == "1"
 NUM_SERIES, SIGMA, NOISE = 3, 0.5, 0.15

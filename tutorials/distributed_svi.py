@@ -8,9 +8,9 @@ rate ``θ``:
 
 discretized by Euler–Maruyama on ``K`` steps. The model's plate over series has the global
 size ``N`` and takes this process's series as ``subsample=idx``, so Pyro scales the shard's
-terms by ``N / n_i``; :class:`~pyro_nsde.distributed.DataParallelSVI` averages the gradients
+terms by ``N / n_i``; :class:`~pyro_nsde.app.distributed.DataParallelSVI` averages the gradients
 (weights ``n_i / N``) so every process takes the step of the full-data ELBO and the parameters
-stay identical everywhere (see :mod:`pyro_nsde.distributed`).
+stay identical everywhere (see :mod:`pyro_nsde.app.distributed`).
 
 Run on CPU with two processes (``gloo``), on two GPUs (``nccl``), or as one plain process::
 
@@ -39,7 +39,7 @@ import torch.distributed
 from pyro.infer import Trace_ELBO
 
 from pyro_nsde import EulerMaruyama, GirsanovGuide
-from pyro_nsde.distributed import DataParallelSVI, shard_indices
+from pyro_nsde.app.distributed import DataParallelSVI, shard_indices
 
 TRUE_THETA = 1.5
 

@@ -42,7 +42,7 @@ import pyro
 import torch
 from sklearn.datasets import load_digits
 
-from pyro_nsde.dlgm import DLGM, VAE, ImageEncoder, importance_bounds, train
+from pyro_nsde.zoo.dlgm import DLGM, VAE, ImageEncoder, importance_bounds, train
 
 FAST = os.environ.get("PYRO_NSDE_FAST") == "1"
 LATENT_DIM, CONTEXT_DIM, NUM_TRAIN, BATCH_SIZE, LR = 6, 32, 1500, 100, 3e-3

@@ -8,8 +8,8 @@ and 20 points of ``y = cos(2π t)`` are observed in two segments, ``t ∈ [0.3, 
 ``[1.2, 1.5]``, with a Laplace likelihood of scale 0.05 (Li et al. 2020, section 7.1; torchsde's
 ``examples/latent_sde.py``). The posterior path law is learned by a
 :class:`~pyro_nsde.GirsanovGuide` whose control is a posterior-drift network over the state and
-time features (:class:`~pyro_nsde.nn.PosteriorDriftControl`, frequencies 1, 2, 4, 8), on the
-Euler–Maruyama grid through the observation times (:class:`~pyro_nsde.series.GriddedSeries`,
+time features (:class:`~pyro_nsde.zoo.nn.PosteriorDriftControl`, frequencies 1, 2, 4, 8), on the
+Euler–Maruyama grid through the observation times (:class:`~pyro_nsde.zoo.series.GriddedSeries`,
 step ≤ 0.01 on ``[0, 2]``). The posterior is tight on the data and spreads out between the
 segments and beyond them, back towards the prior.
 
@@ -47,8 +47,8 @@ from pyro import poutine
 from pyro.infer import SVI, Predictive, Trace_ELBO
 
 from pyro_nsde import EulerMaruyama, GirsanovGuide
-from pyro_nsde.nn import PosteriorDriftControl
-from pyro_nsde.series import GriddedSeries
+from pyro_nsde.zoo.nn import PosteriorDriftControl
+from pyro_nsde.zoo.series import GriddedSeries
 
 FAST = os.environ.get("PYRO_NSDE_FAST") == "1"
 THETA, MU, SIGMA, SCALE = 1.0, 0.0, 0.5, 0.05

@@ -9,13 +9,13 @@ The data are Li et al.'s (2020, section 7.2; torchsde's ``examples/latent_sde_lo
 
 from ``x(0) ~ N(0, I)``, at 100 times on ``[0, 2]``, standardized per coordinate and observed
 with noise 0.01. The model is a latent SDE of dimension 4 with a learned initial law, a
-:class:`~pyro_nsde.nn.DriftNet`, a per-coordinate :class:`~pyro_nsde.nn.DiffusionNet` and a
+:class:`~pyro_nsde.zoo.nn.DriftNet`, a per-coordinate :class:`~pyro_nsde.zoo.nn.DiffusionNet` and a
 learned linear map to the 3 observed coordinates:
 
     ``z_0 ~ N(m, diag(s²))``,  ``dz = f(z) dt + g(z) ⊙ dW``,  ``y_j ~ N(W z(t_j) + b, 0.01²)``.
 
 The guide is amortized: a GRU run backward over each series
-(:class:`~pyro_nsde.encoders.GRUEncoder`) gives a context per grid point. By default
+(:class:`~pyro_nsde.zoo.encoders.GRUEncoder`) gives a context per grid point. By default
 (``--guide linear``) the context gives the coefficients of a posterior drift affine in the
 state, ``a_k + B_k z``, and a diagonal step scale (``GirsanovGuide(control="linear")``, the
 Gauss–Markov family): the path is sampled by a parallel scan and the drift and diffusion
@@ -28,7 +28,7 @@ take about 3 s a step; in 20 minutes of training each (421 and 399 steps, one th
 side by side) the linear guide reached an ELBO of −2.3·10⁶ against −4.7·10⁶, a forecast RMSE
 of 0.330 against 0.352 and a coverage of 0.74 against 0.68 (``docs/neural_sdes.md``). With
 ``--guide sequential`` a
-:class:`~pyro_nsde.nn.PosteriorDriftControl` gives the posterior drift and a learned diagonal
+:class:`~pyro_nsde.zoo.nn.PosteriorDriftControl` gives the posterior drift and a learned diagonal
 increment covariance (``covariance="diagonal"``: with observations this precise the pure mean
 shift would pull the learned diffusion down, see ``docs/neural_sdes.md``; in the fast run with
 400 steps it gives a better ELBO and twice the forecast band coverage). Settings follow
@@ -37,7 +37,8 @@ decaying by 0.997 per step, KL annealed over 1000 steps with ``poutine.scale``,
 Euler–Maruyama steps of at most 0.0102: two per observation gap, as torchsde's ``dt=0.01``).
 The model is fitted on ``t ≤ 1.5`` (75 points) and forecasts ``(1.5, 2]`` (25 points) from
 each series' posterior state at ``t = 1.5`` with torchsde's SRK scheme
-(:func:`~pyro_nsde.predict.predictive_paths`); the forecast error is compared with carrying the
+(:func:`~pyro_nsde.analysis.predict.predictive_paths`); the forecast error is compared with
+carrying the
 last observation forward. Full-size measurements against a torchsde latent SDE:
 ``docs/neural_sdes.md`` (``benchmarks/lorenz_latent_sde.py``).
 
@@ -67,10 +68,10 @@ from pyro.infer import SVI, Predictive, Trace_ELBO
 from torch import nn
 
 from pyro_nsde import EulerMaruyama, GirsanovGuide
-from pyro_nsde.encoders import GRUEncoder
-from pyro_nsde.nn import DiffusionNet, DriftNet, PosteriorDriftControl
-from pyro_nsde.predict import predictive_paths, solve_sde
-from pyro_nsde.series import GriddedSeries
+from pyro_nsde.analysis.predict import predictive_paths, solve_sde
+from pyro_nsde.zoo.encoders import GRUEncoder
+from pyro_nsde.zoo.nn import DiffusionNet, DriftNet, PosteriorDriftControl
+from pyro_nsde.zoo.series import GriddedSeries
 
 FAST = os.environ.get("PYRO_NSDE_FAST") == "1"
 SETTINGS = {

@@ -3,12 +3,12 @@
 Each is built exactly as the command line builds it, so that NUTS samples the very model that
 ``python -m pyro_nsde demo`` and ``pyro-nsde fit`` fit:
 
-- ``lv``: the demo, :class:`~pyro_nsde.models.LotkaVolterra` on the lynx–hare pelts 1900–1920,
+- ``lv``: the demo, :class:`~pyro_nsde.zoo.models.LotkaVolterra` on the lynx–hare pelts 1900–1920,
   years since 1900, ``x_0`` centred on the log of the first row, 5 Euler–Maruyama steps a year
   (100 steps, 8 parameters and a ``(101, 2)`` path);
 - ``ou``: ``pyro-nsde fit nile40.csv --time year --model ou``, the first 40 values of the Nile's
-  annual flow (1871–1910) standardized as ``pyro_nsde.cli._standardize`` does (column to mean 0
-  and scale 1, time in median gaps from the first row), :class:`~pyro_nsde.models.
+  annual flow (1871–1910) standardized as ``pyro_nsde.app.cli._standardize`` does (column to mean 0
+  and scale 1, time in median gaps from the first row), :class:`~pyro_nsde.zoo.models.
   OrnsteinUhlenbeck` with 4 steps per gap (156 steps, 4 parameters, a ``(157, 1)`` path);
 - ``lv_short``: the demo's model on the lynx–hare pelts 1900–1910 (11 years, 50 steps), small
   enough for a slow test.
@@ -30,9 +30,9 @@ import pyro.distributions as dist
 import torch
 
 import pyro_nsde
-from pyro_nsde import cli
-from pyro_nsde.datasets import TimeSeries, lynx_hare, read_csv
-from pyro_nsde.models import LatentSDEModel, LotkaVolterra, OrnsteinUhlenbeck
+from pyro_nsde.app import cli
+from pyro_nsde.zoo.datasets import TimeSeries, lynx_hare, read_csv
+from pyro_nsde.zoo.models import LatentSDEModel, LotkaVolterra, OrnsteinUhlenbeck
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 
@@ -117,7 +117,7 @@ def build(name: str, dtype: torch.dtype = torch.float64) -> Problem:
 
 
 class OrnsteinUhlenbeckMarginal:
-    r"""A one-series :class:`~pyro_nsde.models.OrnsteinUhlenbeck` model with its Euler–Maruyama
+    r"""A one-series :class:`~pyro_nsde.zoo.models.OrnsteinUhlenbeck` model with its Euler–Maruyama
     path integrated out: the same priors (``model.sample_parameters``), and the observations'
     exact Gaussian marginal ``y ~ N(m, C + τ² I)`` of the discretized model.
 
@@ -163,7 +163,7 @@ class OrnsteinUhlenbeckMarginal:
 
 
 class BridgedPath:
-    r"""A :class:`~pyro_nsde.models.LatentSDEModel` with its path reparameterized for NUTS.
+    r"""A :class:`~pyro_nsde.zoo.models.LatentSDEModel` with its path reparameterized for NUTS.
 
     The states at the ``N`` observation times, ``x_obs`` ``(N, d)``, are latent sites of their
     own; the ``M`` states between two consecutive observation times ``t_{k_n} < t_k <

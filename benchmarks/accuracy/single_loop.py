@@ -5,8 +5,8 @@
 ``dx = (x - x³) dt + 0.6 dW``, ``x_0 ~ U(-2, 2)``, 48 series simulated with 200 Euler–Maruyama
 steps of 0.02 (torchsde, ``method="euler"``), observed every 10 steps (21 points on ``[0, 4]``)
 with noise 0.1. The model is the one of ``tests/test_sysid.py`` on the simulation's grid
-(``h = 0.02``): an autonomous :class:`~pyro_nsde.nn.DriftNet` ``(32, 32)``, a learned constant
-:class:`~pyro_nsde.nn.DiffusionNet` (starts at 0.5), ``x_0 ~ N(0, 2²)``.
+(``h = 0.02``): an autonomous :class:`~pyro_nsde.zoo.nn.DriftNet` ``(32, 32)``, a learned constant
+:class:`~pyro_nsde.zoo.nn.DiffusionNet` (starts at 0.5), ``x_0 ~ N(0, 2²)``.
 
 **Metrics**: the drift's RMS error over the true latent states of the data (all 201 grid points
 of every series: the visited region) relative to the RMS of the true drift there; the learned
@@ -25,7 +25,7 @@ inference: a ``DriftNet`` fitted by least squares (Adam, full batch, no regulari
 - ``fit_svi_diag``: the same with ``covariance="diagonal"`` on the guide (and so on its
   ``ControlNet``), as ``docs/covariance.md`` recommends for a learned diffusion.
 - ``fit_svi_pdc``: ONE ``fit_svi`` call with the recipe's guide (a
-  :class:`~pyro_nsde.nn.PosteriorDriftControl`, ``"diagonal"``): separates the schedule from
+  :class:`~pyro_nsde.zoo.nn.PosteriorDriftControl`, ``"diagonal"``): separates the schedule from
   the guide.
 - ``fit_svi_wu``, ``fit_svi_diag_wu``: ``fit_svi``, ``fit_svi_diag`` with
   ``warmup=--long-warmup`` (a longer warm-up than the default ``steps // 10``).
@@ -56,9 +56,9 @@ import torchsde
 from pyro.infer import SVI, Trace_ELBO
 
 from pyro_nsde import GirsanovGuide, fit_svi
-from pyro_nsde.encoders import GRUEncoder
-from pyro_nsde.nn import PosteriorDriftControl
-from pyro_nsde.series import GriddedSeries
+from pyro_nsde.zoo.encoders import GRUEncoder
+from pyro_nsde.zoo.nn import PosteriorDriftControl
+from pyro_nsde.zoo.series import GriddedSeries
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 

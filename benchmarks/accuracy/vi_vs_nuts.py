@@ -1,13 +1,14 @@
 """The variational posterior a user gets from the command line, against the NUTS reference.
 
-Each problem of :mod:`problems` is fitted through :func:`pyro_nsde.cli.main`, so whatever the
+Each problem of :mod:`problems` is fitted through :func:`pyro_nsde.app.cli.main`, so whatever the
 command line's defaults are (guide, optimizer, steps, draws), they are what is measured:
 
 - ``lv``: ``pyro-nsde demo --quiet``;
 - ``ou``: ``pyro-nsde fit nile40.csv --time year --model ou --quiet`` on the first 40 rows of
   ``benchmarks/data/nile.csv``;
 - ``lv_short``: ``pyro-nsde demo --quiet`` with the lynx–hare data cut to 1900–1910 (the demo's
-  data loader ``pyro_nsde.cli.lynx_hare`` is replaced for the call; everything else is the demo).
+  data loader ``pyro_nsde.app.cli.lynx_hare`` is replaced for the call; everything else is the
+  demo).
 
 The parameters are read back from the command's ``posterior.nc`` (the ``posterior`` group, with
 xarray only, so it does not matter whether ArviZ wrote an ``InferenceData`` or a ``DataTree``)
@@ -16,7 +17,7 @@ problem with its entry in :data:`REFERENCE_ENTRY`, the same posterior sampled be
 criterion of issue 14: ``|mean_VI - mean_NUTS| <= 0.5 sd_NUTS`` and
 ``0.75 <= sd_VI / sd_NUTS <= 1.33``. The wall and CPU time of the whole command are reported
 (the demo must stay under :data:`DEMO_CPU_LIMIT_S` of CPU time on one core), and of its SVI
-loop alone where the command fits with ``pyro_nsde.cli.fit_svi``.
+loop alone where the command fits with ``pyro_nsde.app.cli.fit_svi``.
 
 Run from the repository root, on one thread (about 2 minutes per problem)::
 
@@ -46,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from problems import SHORT_LV_ROWS, lynx_hare_rows, parse_problems, provenance, write_nile_csv
 
-from pyro_nsde import cli
+from pyro_nsde.app import cli
 
 REFERENCE = Path(__file__).resolve().parent / "nuts_reference.json"
 

@@ -1,0 +1,26 @@
+"""The analysis of a fit: ArviZ conversion (:func:`to_inference_data`) and the ArviZ functions
+that work on both ArviZ lines, importance sampling, variational diagnostics, forecasts,
+prediction with torchsde's solvers, and plots (:mod:`pyro_nsde.analysis.plots`)."""
+
+from .arviz_adapter import LOO, from_netcdf, loo, plot_ppc, plot_trace, summary, to_netcdf
+from .diagnostics import VariationalDiagnostics, pareto_khat, variational_diagnostics
+from .forecast import forecast
+from .inference_data import to_inference_data
+from .predict import predictive_paths, solve_sde
+
+__all__ = [
+    "LOO",
+    "VariationalDiagnostics",
+    "forecast",
+    "from_netcdf",
+    "loo",
+    "pareto_khat",
+    "plot_ppc",
+    "plot_trace",
+    "predictive_paths",
+    "solve_sde",
+    "summary",
+    "to_inference_data",
+    "to_netcdf",
+    "variational_diagnostics",
+]

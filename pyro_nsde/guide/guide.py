@@ -1,0 +1,426 @@
+"""The Girsanov guide: one guide for a whole model with Euler–Maruyama path sites.
+
+:class:`GirsanovGuide` is the orchestrator; its parts live beside it: the options
+(:mod:`~pyro_nsde.guide.options`), the family of the other latent sites
+(:mod:`~pyro_nsde.guide.latents`), one :class:`~pyro_nsde.guide.site.PathSite` per path site
+with its control (:mod:`~pyro_nsde.guide.control_factory`), law of ``x_0``
+(:mod:`~pyro_nsde.guide.initial`) and conditional strategy
+(:mod:`~pyro_nsde.guide.conditionals`). ``docs/architecture.md`` shows how they fit together.
+"""
+
+import pyro
+import torch
+from pyro import poutine
+from pyro.infer.autoguide import AutoGuide
+from pyro.infer.autoguide.initialization import InitMessenger, init_to_median
+from pyro.nn import PyroModule
+from torch import nn
+
+from ..sde.euler_maruyama import EulerMaruyama
+from ..sde.sites import (
+    full_size,
+    is_subsampled,
+    outside_inference,
+    plate_nesting,
+    run_to_site,
+    unwrap_path_distribution,
+)
+from .conditionals import PriorStart, choose_conditional, global_sites
+from .latents import latent_guide, latent_values
+from .options import GuideOptions
+from .site import PathSite, enter_plates
+
+
+class GirsanovGuide(AutoGuide):
+    r"""A guide for models with :class:`~pyro_nsde.EulerMaruyama` path sites, for
+    ``SVI(model, guide, optim, Trace_ELBO())``.
+
+    Every path site is sampled from ``prior.girsanov(control, init=q(x_0), context=c)``, where
+    ``prior`` is the model's own distribution at that site *given the values this guide drew
+    upstream* (SDE parameters with priors, random initial states, plates): the guide runs the
+    model, conditioned on its draws so far, up to the site. The posterior increments are
+
+        ``ΔW_k ~ N(h_k u_k, h_k S_k S_kᵀ)``,  ``(u_k, S_k) = control(t_k, x_k, c_k)``,
+
+    so the posterior drift is ``f + G u`` and the per-step KL is
+    ``½[tr(S Sᵀ) + h |u|² - m - log det(S Sᵀ)]``. Every other latent site gets a normal
+    family in unconstrained space (``latents``), and the coefficients of ``"affine"`` and
+    ``"linear"`` controls are affine functions of those sites' values (``conditional``), so
+    that ``q(path | θ)`` moves with the parameters ``θ`` drawn with it.
+
+    **Families of the path** (``control``):
+
+    - ``"affine"``: ``u_k(x) = (a_k + B_k x) / sqrt(h_k)`` per step
+      (:class:`~pyro_nsde.AffineControl`); exact in form for linear SDEs.
+    - ``"linear"``: the posterior drift itself is affine, ``v_k(x) = (a_k + B_k x) /
+      sqrt(h_k)`` and ``u = G⁺ (v - f)`` (:class:`~pyro_nsde.LinearControl`): a Gauss–Markov
+      path sampled by a parallel scan, with no loop over steps
+      (:class:`~pyro_nsde.GaussMarkovEulerMaruyama`).
+    - ``"mlp"``: a :class:`~pyro_nsde.ControlNet` ``u(t, x, c)``; or any module/callable
+      ``u(t, x, context)``; or a dict ``{site_name: one of these}``.
+
+    **Initialization** (``init_path="laplace"``, the default, for ``"affine"`` and
+    ``"linear"`` controls without an encoder): the coefficients and ``q(x_0)`` start at the
+    Laplace approximation of the path's posterior at the initial values of the other latent
+    sites (:func:`~pyro_nsde.posterior.laplace.laplace`: the most probable path and the Gauss–Markov
+    chain of its Kalman smoother). For a linear SDE observed with Gaussian noise that *is* the
+    optimum of the family (exactly, with ``covariance="full"``), so SVI starts converged for
+    the path and spends its steps on the parameters; for nonlinear models it starts the path
+    at the data rather than at the prior, so a learned diffusion is not dragged towards zero
+    while the guide catches up. ``init_path="prior"`` starts at the prior (zero control).
+
+    :param callable model: a Pyro model.
+    :param control: ``"affine"``, ``"linear"``, ``"mlp"``, a module/callable, or a dict.
+    :param nn.Module encoder: optional; ``encoder(*model_args, **model_kwargs)`` returns a
+        context ``batch + (c,)`` (static) or ``batch + (K+1, c)`` (per step) for the controls
+        (amortized inference). The posterior of ``x_0`` is then a function of the context.
+    :param float init_scale: initial posterior scale of ``x_0`` (without Laplace
+        initialization) and of the other latent sites.
+    :param str estimator: ``"girsanov"``, ``"plain"`` or ``"stl"``; see
+        :class:`~pyro_nsde.posterior.girsanov.GirsanovEulerMaruyama`.
+    :param str covariance: ``"prior"`` (the pure Girsanov mean shift), ``"diagonal"`` or
+        ``"full"`` (a learned increment covariance ``S_k``; see
+        :mod:`pyro_nsde.posterior.controls`).
+        With ``"full"`` the posterior of ``x_0`` is a full-rank normal (else diagonal), so
+        that with an affine or linear control the exact posterior of a linear SDE is in the
+        family.
+    :param str latents: the family of the other latent sites, in unconstrained space:
+        ``"normal"`` (mean field, :class:`~pyro.infer.autoguide.AutoNormal`),
+        ``"multivariate"`` (full-rank correlations,
+        :class:`~pyro.infer.autoguide.AutoMultivariateNormal`) or ``"lowrank"``
+        (:class:`~pyro.infer.autoguide.AutoLowRankMultivariateNormal` with rank
+        ``latent_rank``). Correlated families hold the strong dependence between rates and
+        noise scales of an SDE; they need every latent site outside subsampled plates.
+    :param int latent_rank: the rank of ``"lowrank"`` (default: Pyro's, about ``√n``).
+    :param str conditional: how the coefficients of ``"affine"`` and ``"linear"`` controls
+        (with Laplace initialization) follow the parameters ``θ`` drawn with the path:
+        ``"kalman"`` (the default for ``"affine"``: for every draw of ``θ`` the Kalman
+        smoother of the model linearized at the Laplace path gives the coefficients and
+        ``q(x_0)``, differentiably in ``θ``; the control's parameters are learned corrections
+        on top, zero at the start, so ``q(path | θ)`` is the exact conditional posterior of a
+        linear-Gaussian model for every ``θ``), ``"taylor"`` (the default for ``"linear"``,
+        which keeps training free of sequential loops: coefficients affine in the centred
+        unconstrained values of the latent sites that share no plate with the path, slopes
+        from central differences of the Laplace fit at refreshes, then learned; see
+        :class:`~pyro_nsde.posterior.controls.PerStepCoefficients`), ``None`` (the coefficients
+        start
+        at the Laplace fit and do not depend on ``θ``), or ``"auto"`` (the defaults above).
+    :param str init_path: ``"laplace"`` or ``"prior"`` (see above).
+    :param int refresh_every: with Laplace initialization, re-fit it every this many
+        training calls of the guide at the current parameters and move the coefficients with
+        it (:meth:`refresh`); ``None``: only at the start.
+    :param callable init_loc_fn: initialization of the other latent sites (default
+        :func:`~pyro.infer.autoguide.initialization.init_to_median`).
+    :param tuple hidden_dims: hidden widths of ``"mlp"`` controls.
+    :param callable create_plates: as for :class:`~pyro.infer.autoguide.AutoGuide`; needed
+        to evaluate an amortized guide on data of another size than it was built on.
+    :param int checkpoint_every: simulate path sites in blocks of this many steps under
+        gradient checkpointing (memory-lean training on long paths; sequential controls).
+    :param bool compile_step: simulate path sites with the Euler–Maruyama step compiled by
+        :func:`torch.compile` (sequential controls; see
+        :class:`~pyro_nsde.posterior.girsanov.GirsanovEulerMaruyama`).
+
+    The encoder is called inside the ``pyro.plate`` contexts of the path sites, so with data
+    subsampling (``pyro.plate(..., subsample_size=n)``) it can select the current minibatch
+    with ``pyro.subsample(data, event_dim=...)`` and see only those series; a context for all
+    series is also accepted and is indexed by the subsample.
+    """
+
+    def __init__(
+        self,
+        model,
+        *,
+        control="mlp",
+        encoder=None,
+        init_scale: float = 0.1,
+        estimator: str = "girsanov",
+        covariance: str = "prior",
+        latents: str = "normal",
+        latent_rank: int | None = None,
+        conditional: str | None = "auto",
+        init_path: str = "laplace",
+        refresh_every: int | None = 10,
+        init_loc_fn=init_to_median,
+        hidden_dims=(64, 64),
+        create_plates=None,
+        checkpoint_every: int | None = None,
+        compile_step: bool = False,
+    ):
+        options = GuideOptions.from_arguments(locals())
+        if encoder is not None and not callable(encoder):
+            raise TypeError(f"encoder must be callable, but got {type(encoder).__name__}")
+        self._raw_model = (model,)
+        super().__init__(InitMessenger(init_loc_fn)(model), create_plates=create_plates)
+        self.options = options
+        self.encoder = encoder
+        self.init_loc_fn = init_loc_fn
+        # A control given as a module is the guide's from the start (its parameters are in
+        # guide.parameters() before the first call); the path site shares it later.
+        self._control_spec = control
+
+    @property
+    def raw_model(self):
+        """The model as given (``model`` is the base class's: wrapped in its initialization)."""
+        return self._raw_model[0]
+
+    @property
+    def covariance(self) -> str:
+        return self.options.covariance
+
+    # ----------------------------------------------------------------------------- setup
+
+    def _setup_prototype(self, *args, **kwargs):
+        super()._setup_prototype(*args, **kwargs)
+        paths, others = self._classify_sites()
+        self.latent_guide = None
+        if others:
+            self.latent_guide = latent_guide(self.raw_model, paths, self.options, self.init_loc_fn)
+        context = self._probe_encoder(args, kwargs, paths)
+        self.controls = PyroModule()
+        self.x0_locs = PyroModule()
+        self.x0_scales = PyroModule()
+        self.x0_heads = nn.ModuleDict()
+        self.x0_slopes = PyroModule()  # ∂ E[x_0] / ∂ η where q(x_0) follows the parameters
+        subsampled = any(is_subsampled(f) for f in self._prototype_frames.values())
+        self.sites = {}
+        for name, ndims in paths.items():
+            conditional = choose_conditional(
+                self.options.control_for(name),
+                self.options,
+                subsampled=subsampled,
+                encoded=self.encoder is not None,
+                global_sites=global_sites(self.prototype_trace, name, others),
+            )
+            self.sites[name] = PathSite(self, name, ndims, context, conditional)
+        self._calls = 0
+        self.nesting = None
+        if any(site.conditional.fits for site in self.sites.values()):
+            # One more run of the model (it draws random numbers, so only where needed): the
+            # plate nesting with the observed sites' plates included.
+            trace = poutine.block(poutine.trace(self.raw_model).get_trace)(*args, **kwargs)
+            self.nesting = plate_nesting(trace)
+            values = {
+                name: site["value"].detach()
+                for name, site in self.prototype_trace.iter_stochastic_nodes()
+            }
+            with torch.no_grad(), outside_inference():
+                self._fit_paths(values, self._create_plates(*args, **kwargs), args, kwargs)
+
+    def _classify_sites(self):
+        """``({path site: to_event dims}, [other latent sites])``, in model order."""
+        paths, others = {}, []
+        for name, site in self.prototype_trace.iter_stochastic_nodes():
+            prior, ndims = unwrap_path_distribution(site["fn"])
+            if prior is not None:
+                paths[name] = ndims
+            elif site["fn"].support.is_discrete:
+                raise NotImplementedError(
+                    f"GirsanovGuide does not handle discrete latent site {name!r}; "
+                    f"enumerate it out in the model"
+                )
+            else:
+                others.append(name)
+        if not paths:
+            raise ValueError(
+                "GirsanovGuide found no EulerMaruyama sample site in the model; use an "
+                "AutoGuide such as AutoNormal for models without latent paths"
+            )
+        return paths, others
+
+    def _probe_encoder(self, args, kwargs, paths):
+        """The encoder's context on the prototype's data (``None`` without an encoder)."""
+        if self.encoder is None:
+            return None
+        with torch.no_grad(), poutine.block():
+            context = self._encode(self._create_plates(*args, **kwargs), args, kwargs, paths)
+        message = "encoder must return a tensor of shape batch + (c,) or batch + (K+1, c), but "
+        if not isinstance(context, torch.Tensor):
+            raise TypeError(f"{message}returned {type(context).__name__}")
+        if context.dim() < 1:
+            raise ValueError(f"{message}returned a scalar")
+        return context
+
+    def _encode(self, plates, args, kwargs, sites=None):
+        """Call the encoder inside the path sites' plates (so ``pyro.subsample`` works)."""
+        if self.encoder is None:
+            return None
+        nodes = [self.prototype_trace.nodes[name] for name in (sites or self.sites)]
+        with enter_plates(nodes, plates):
+            return self.encoder(*args, **kwargs)
+
+    def _check_prototype(self, part_trace):
+        """The latent family's prototype must show the sites as this guide's does (called by
+        the family, an :class:`~pyro.infer.autoguide.AutoGuide` part, as in ``AutoGuideList``)."""
+        for name, part_site in part_trace.nodes.items():
+            if part_site["type"] != "sample":
+                continue
+            site = self.prototype_trace.nodes[name]
+            if part_site["value"].shape != site["value"].shape:
+                raise ValueError(
+                    f"site {name!r} changed shape between traces of the model: "
+                    f"{tuple(site['value'].shape)} vs {tuple(part_site['value'].shape)}"
+                )
+
+    # ----------------------------------------------------------------------------- Laplace
+
+    @torch.no_grad()
+    def refresh(self, *args, **kwargs):
+        """Re-fit the Laplace approximation of each path's posterior at the current posterior
+        medians of the other latent sites (and the model's current parameters), and move the
+        coefficients of affine and linear controls and ``q(x_0)`` by the change of that
+        approximation since the last fit; what SVI has learned on top of it is kept.
+
+        The guide calls this itself every ``refresh_every`` training steps. For a linear SDE
+        observed with Gaussian noise it puts the path's posterior back at the exact
+        conditional posterior given the current parameters, so a learned diffusion follows
+        the gradient of the marginal likelihood rather than crawling along with the path's
+        coefficients (the slow coordinate ascent of EM).
+        """
+        if self.prototype_trace is None:
+            self._setup_prototype(*args, **kwargs)
+        if self.encoder is not None or not any(s.conditional.fits for s in self.sites.values()):
+            return
+        with outside_inference():  # nothing here belongs to the training step's trace
+            plates = self._create_plates(*args, **kwargs)
+            medians = latent_values(self.latent_guide, args, kwargs, median=True)
+            values = {name: value.detach() for name, value in medians.items()}
+            self._fit_paths(values, plates, args, kwargs)
+
+    def _fit_paths(self, values, plates, args, kwargs):
+        """Fit each path site's conditional strategy (in model order) at ``values``; a fitted
+        path joins ``values`` for the sites after it. A first fit that is not finite leaves
+        the site's guide at the prior."""
+        for site in self.sites.values():
+            if not site.conditional.fits:
+                continue
+            path = site.conditional.fit(self, site, values, plates, args, kwargs)
+            if path is not None:
+                values[site.name] = path
+            elif site.conditional.path is None:
+                site.conditional = PriorStart()
+
+    # ----------------------------------------------------------------------------- running
+
+    def prior(self, name, values, plates, *args, **kwargs) -> EulerMaruyama:
+        """The model's distribution at path site ``name`` given upstream ``values``.
+
+        Runs the model (blocked, conditioned on ``values`` and on the plates' subsamples) up to
+        the site and returns its :class:`~pyro_nsde.EulerMaruyama`.
+        """
+        data = dict(values)
+        for plate_name, plate in plates.items():
+            data[plate_name] = plate.indices
+        try:
+            site = run_to_site(self.raw_model, name, data, args, kwargs)
+        except Exception as error:
+            # The guide's subsample indices may not fit the model's plates (data of another
+            # size than the guide was built on): say so if that is the cause.
+            try:
+                site = run_to_site(self.raw_model, name, dict(values), args, kwargs)
+            except Exception:
+                raise error from None
+            _check_plates(name, site, plates)
+            raise
+        _check_plates(name, site, plates)
+        prior, _ = unwrap_path_distribution(site["fn"])
+        return prior
+
+    def forward(self, *args, **kwargs):
+        """Sample every latent site; returns a dict ``{site name: value}``."""
+        if self.prototype_trace is None:
+            self._setup_prototype(*args, **kwargs)
+        if self.options.refresh_every and torch.is_grad_enabled() and self.training:
+            self._calls += 1
+            if self._calls % self.options.refresh_every == 0:
+                self.refresh(*args, **kwargs)
+        plates = self._create_plates(*args, **kwargs)
+        values = latent_values(self.latent_guide, args, kwargs)
+        return self._draw_paths(plates, values, args, kwargs, pyro.sample)
+
+    def _draw_paths(self, plates, values, args, kwargs, draw) -> dict:
+        """For each path site in turn, its posterior law given ``values`` (the other latent
+        sites, and the paths drawn before it), and ``values[name] = draw(name, law)`` inside
+        the site's plates; returns ``values``."""
+        context, encoded = None, False
+        for name, site in self.sites.items():
+            prior = self.prior(name, values, plates, *args, **kwargs)
+            if not encoded:  # after the model's plates are checked against the guide's
+                context, encoded = self._encode(plates, args, kwargs), True
+            params, base = site.conditional.inputs(self, site, prior, values, args, kwargs)
+            with site.plates(plates):
+                posterior = site.posterior(prior, context, plates, self.options, params, base)
+                values[name] = draw(name, posterior)
+        return values
+
+    @torch.no_grad()
+    def median(self, *args, **kwargs):
+        """Medians of the other latent sites, and for each path site the noise-free controlled
+        path from the posterior mean of ``x_0`` (the posterior mean path for linear SDEs with
+        an affine or linear control). Not available for models with subsampled plates."""
+        if self.prototype_trace is None:
+            self._setup_prototype(*args, **kwargs)
+        if any(is_subsampled(f) for f in self._prototype_frames.values()):
+            raise NotImplementedError("median() is not available with subsampled plates")
+        plates = self._create_plates(*args, **kwargs)
+        values = latent_values(self.latent_guide, args, kwargs, median=True)
+
+        def skeleton(name, posterior):
+            return (posterior.base_dist if self.sites[name].ndims else posterior).skeleton()
+
+        with poutine.block():
+            return self._draw_paths(plates, values, args, kwargs, skeleton)
+
+    # ----------------------------------------------------------------------------- state
+
+    def get_extra_state(self):
+        """What the guide keeps besides parameters and buffers, so that ``state_dict()`` (and a
+        checkpoint) resumes training exactly: the Laplace reference paths, the values of the
+        last fit its coefficients were rebased from, and the count of training calls."""
+        if self.prototype_trace is None:
+            return {}
+        state = {"laplace_paths": {}, "laplace_bases": {}, "fit_centres": {}, "calls": self._calls}
+        for name, site in self.sites.items():
+            saved = site.conditional.state()
+            if saved.get("path") is not None:
+                state["laplace_paths"][name] = saved["path"]
+            for attr, value in saved.get("bases", {}).items():
+                state["laplace_bases"][(name, attr)] = value
+            if saved.get("centre") is not None:
+                state["fit_centres"][name] = saved["centre"]
+        return state
+
+    def set_extra_state(self, state):
+        if not state:
+            return
+        if self.prototype_trace is None:
+            raise ValueError("the guide must be set up (called once) before its state is loaded")
+        for name, site in self.sites.items():
+            bases = {a: v for (n, a), v in state["laplace_bases"].items() if n == name}
+            site.conditional.load_state(
+                {
+                    "path": state["laplace_paths"].get(name),
+                    "bases": bases,
+                    "centre": state.get("fit_centres", {}).get(name),
+                }
+            )
+        self._calls = int(state["calls"])
+
+
+def _check_plates(name, site, plates):
+    """The model's plates at path site ``name`` must be the ones the guide was built with."""
+    for frame in site["cond_indep_stack"]:
+        if frame.name not in plates:
+            continue
+        expected = plates[frame.name].size  # the full size of the guide's plate
+        full = full_size(frame)
+        if expected != full:
+            raise ValueError(
+                f"plate {frame.name!r} of path site {name!r} has size {full} on this call, "
+                f"but the guide's plate has size {expected}: without create_plates, the "
+                f"guide's plates follow its first call. Give the guide plates that follow the "
+                f"data, e.g. GirsanovGuide(model, ..., create_plates=lambda data, *rest: "
+                f"pyro.plate({frame.name!r}, len(data), dim={frame.dim}))"
+            )
+
+
+__all__ = ["GirsanovGuide"]

@@ -1,0 +1,121 @@
+"""Path sites in Pyro models: finding them, and running a model around them.
+
+The guide, the ArviZ conversion, forecasts and prediction all need to look at a model's
+:class:`~pyro_nsde.EulerMaruyama` sample sites and to run the model in special ways. Those runs
+live here, each written once:
+
+- :func:`unwrap_path_distribution`: the path law under mask and ``to_event`` wrappers;
+- :func:`plate_nesting`: how many batch dims the sample sites of traces use;
+- :func:`is_subsampled`, :func:`full_size`: a plate frame's subsampling;
+- :func:`run_to_site`: run a model, conditioned and blocked, up to one site;
+- :func:`path_log_likelihood`: ``x ↦ log p(everything else | x)`` for a path site;
+- :func:`outside_inference`: side computations as if no Pyro handler were active.
+"""
+
+from contextlib import contextmanager
+
+import pyro.distributions as dist
+from pyro import poutine
+from pyro.distributions.torch_distribution import MaskedDistribution
+from pyro.poutine.runtime import _DIM_ALLOCATOR, _PYRO_STACK, NonlocalExit
+from pyro.poutine.util import prune_subsample_sites
+
+from .euler_maruyama import EulerMaruyama
+
+
+def unwrap_path_distribution(fn):
+    """``(EulerMaruyama, reinterpreted_ndims)`` under mask/``to_event`` wrappers, or
+    ``(None, 0)`` if ``fn`` is not a path distribution."""
+    ndims = 0
+    while True:
+        if isinstance(fn, EulerMaruyama):
+            return fn, ndims
+        if isinstance(fn, MaskedDistribution):
+            fn = fn.base_dist
+        elif isinstance(fn, dist.Independent):
+            ndims += fn.reinterpreted_batch_ndims
+            fn = fn.base_dist
+        else:
+            return None, 0
+
+
+def full_size(frame) -> int:
+    """The size of a plate frame before subsampling."""
+    return frame.full_size or frame.size
+
+
+def is_subsampled(frame) -> bool:
+    """Whether a plate frame holds a subsample of its plate."""
+    return full_size(frame) != frame.size
+
+
+def plate_nesting(*traces) -> int:
+    """The number of batch dims the sample sites of ``traces`` use: the dims of their
+    vectorized plates and the lengths of their distributions' batch shapes (subsample sites
+    left out)."""
+    nesting = 0
+    for trace in traces:
+        for site in prune_subsample_sites(trace).nodes.values():
+            if site["type"] != "sample":
+                continue
+            dims = [-frame.dim for frame in site["cond_indep_stack"] if frame.vectorized]
+            nesting = max([nesting, len(site["fn"].batch_shape), *dims])
+    return nesting
+
+
+def run_to_site(model, name: str, data: dict, args, kwargs) -> dict:
+    """The site ``name`` of ``model(*args, **kwargs)`` from a blocked run conditioned on
+    ``data``, stopped at that site (nothing after it runs).
+
+    :raises RuntimeError: if the model does not reach the site.
+    """
+    model = poutine.condition(model, data=data)
+    model = poutine.escape(model, escape_fn=lambda msg: msg["name"] == name)
+    try:
+        poutine.block(model)(*args, **kwargs)
+    except NonlocalExit as site_container:
+        # The handlers inside have popped themselves; do not reset_stack(), which would
+        # also reset the caller's handlers (e.g. clear the trace recording a guide).
+        return site_container.site
+    raise RuntimeError(f"the model did not reach path site {name!r} on this call")
+
+
+def path_log_likelihood(model, name: str, values: dict, args, kwargs):
+    """``x ↦ log p(everything else | x)`` at the given values of the other sites: the log
+    joint of the model conditioned on them and on path site ``name`` at ``x``, without the
+    path's own term (sites upstream of it add a constant)."""
+
+    def log_likelihood(x):
+        conditioned = poutine.condition(model, data={**values, name: x})
+        with poutine.block():
+            trace = poutine.trace(conditioned).get_trace(*args, **kwargs)
+        return trace.log_prob_sum(site_filter=lambda site_name, site: site_name != name)
+
+    return log_likelihood
+
+
+@contextmanager
+def outside_inference():
+    """Run side computations (e.g. the guide's Laplace fits of the paths at the current
+    parameters) as if no Pyro handler were active: not recorded in the trace of the training
+    step that triggered them, and not broadcast by its plates (e.g. the particle plate of
+    ``Trace_ELBO(vectorize_particles=True)``)."""
+    saved, dims = list(_PYRO_STACK), list(_DIM_ALLOCATOR._stack)
+    _PYRO_STACK.clear()
+    _DIM_ALLOCATOR._stack.clear()
+    try:
+        yield
+    finally:
+        _PYRO_STACK[:] = saved
+        _DIM_ALLOCATOR._stack[:] = dims
+
+
+__all__ = [
+    "full_size",
+    "is_subsampled",
+    "outside_inference",
+    "path_log_likelihood",
+    "plate_nesting",
+    "run_to_site",
+    "unwrap_path_distribution",
+]
