@@ -38,7 +38,7 @@ grid is then exact and torchsde's fixed-step loop lands on the grid points witho
   ``GirsanovGuide(model, control="linear", covariance="full", init_path="prior")``: a
   Gauss–Markov posterior (:class:`~pyro_nsde.GaussMarkovEulerMaruyama`, posterior drift
   ``(a_k + B_k x) / sqrt(h)``, increment scale ``S_k``) sampled by the parallel scan
-  :func:`~pyro_nsde.posterior.gauss_markov.affine_scan`, one set of coefficients for the series,
+  :func:`~pyro_nsde.posterior.scan.affine_scan`, one set of coefficients for the series,
   shared
   by the ``B`` particles. Another variational family: its ELBO is not the plain loop's, so the
   sanity check prints it without comparing.
@@ -473,7 +473,7 @@ class TorchSDE(_TorchImplementation):
 class PyroNSDELinear(PyroNSDE):
     """Parallel in time (issue 15): the same model, ``GirsanovGuide(model, control="linear",
     covariance="full", init_path="prior")``, a :class:`~pyro_nsde.GaussMarkovEulerMaruyama`
-    path sampled by :func:`~pyro_nsde.posterior.gauss_markov.affine_scan` (no loop over steps; the
+    path sampled by :func:`~pyro_nsde.posterior.scan.affine_scan` (no loop over steps; the
     drift is evaluated once, on all ``K·B`` states, for ``log p`` and the KL). One set of
     coefficients ``(a_k, B_k, S_k)`` for the one series, shared by the ``B`` particles.
     ``init_path="prior"`` skips the Laplace fit at setup: the timed step is the SVI step."""

@@ -41,7 +41,9 @@ def model(y):
 def make_run(control):
     """The run's guide, optimizer, ELBO and SVI, built the same way in every process."""
     pyro.clear_param_store()
-    guide = GirsanovGuide(model, control=control, hidden_dims=(8,))
+    guide = GirsanovGuide(
+        model, control=control, hidden_dims=(8,), covariance="prior", latents="normal"
+    )
     optim = pyro.optim.ClippedAdam({"lr": 0.05, "lrd": 0.99})
     # No max_plate_nesting: the ELBO guesses it on its first step (drawing random numbers),
     # so the checkpoint must carry it.

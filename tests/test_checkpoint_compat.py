@@ -23,15 +23,25 @@ N_SERIES = 3
 TIMES = torch.linspace(0.0, 1.0, 11)
 OBS = torch.arange(2, 11, 2)
 DATA = torch.randn(N_SERIES, len(OBS), generator=torch.Generator().manual_seed(1))
+# The configurations as main at 67df669 resolved them (its defaults, spelled out: since issue
+# 22 the defaults are "auto" and start the latents at a Laplace fit).
+OLD_DEFAULTS = {"covariance": "prior", "latents": "normal", "init_latents": None}
 CONFIGS = {
-    "mlp": {"control": "mlp", "hidden_dims": (8,)},
+    "mlp": {**OLD_DEFAULTS, "control": "mlp", "hidden_dims": (8,)},
     "affine_kalman": {
+        **OLD_DEFAULTS,
         "control": "affine",
         "covariance": "full",
         "latents": "multivariate",
         "refresh_every": 3,
     },
-    "linear_taylor": {"control": "linear", "covariance": "full", "refresh_every": 3},
+    "linear_taylor": {
+        **OLD_DEFAULTS,
+        "control": "linear",
+        "covariance": "full",
+        "conditional": "taylor",
+        "refresh_every": 3,
+    },
 }
 
 
@@ -50,6 +60,13 @@ def model(y):
         pyro.sample("y", dist.Normal(x[..., OBS, 0], 0.1).to_event(1), obs=y)
 
 
+#: The relative tolerances of the resumed losses and parameters: the Kalman conditional's
+#: gradient follows the dependence of the smoother's coefficients on the parameters since
+#: issue 22 (it did for q(x_0) only), so its numbers move slightly; the other configurations
+#: compute as before.
+TOLERANCE = {"mlp": (1e-5, 1e-5), "affine_kalman": (2e-3, 1e-2), "linear_taylor": (1e-5, 1e-5)}
+
+
 @pytest.mark.parametrize("config", CONFIGS)
 def test_old_checkpoint_resumes_to_the_old_numbers(config):
     guide = GirsanovGuide(model, **CONFIGS[config])
@@ -63,8 +80,10 @@ def test_old_checkpoint_resumes_to_the_old_numbers(config):
     assert metadata == {"config": config, "step": 5}
     losses = [svi.step(DATA) for _ in range(4)]
     expected = torch.load(DATA_DIR / f"resumed_{config}.pt", weights_only=False)
-    assert losses == pytest.approx(expected["losses"], rel=1e-5)
+    tolerance, param_tolerance = TOLERANCE[config]
+    assert losses == pytest.approx(expected["losses"], rel=tolerance)
     params = dict(pyro.get_param_store().items())
     assert sorted(params) == sorted(expected["params"])
     for name, value in expected["params"].items():
-        assert torch.allclose(params[name].detach(), value, rtol=1e-5, atol=1e-6), name
+        error = float((params[name].detach() - value).abs().max())
+        assert error <= param_tolerance * (1 + float(value.abs().max())), (name, error)

@@ -66,7 +66,12 @@ def single_path_fit():
     guide = GirsanovGuide(single_path_model, control="affine")
     guide(Y_SINGLE)
     idata = to_inference_data(
-        single_path_model, guide=guide, model_args=(Y_SINGLE,), num_samples=150, num_chains=2
+        single_path_model,
+        guide=guide,
+        model_args=(Y_SINGLE,),
+        num_samples=150,
+        num_chains=2,
+        importance_resampling=False,  # the guide's own draws and their weights
     )
     return guide, idata
 

@@ -61,6 +61,8 @@ def _build():
     guide = GirsanovGuide(
         _model,
         control="affine",
+        covariance="prior",
+        latents="normal",
         init_loc_fn=init_to_sample,
         create_plates=_plates,
         init_path="prior",

@@ -113,7 +113,7 @@ def test_mean_shift_guide_reaches_its_own_optimum():
     y = nile()
     process_var, obs_var = mean_shift_optimum(y)
     model = local_level_model(y.float())
-    guide = GirsanovGuide(model, control="affine")
+    guide = GirsanovGuide(model, control="affine", covariance="prior")
     with pytest.warns(UserWarning, match="covariance='prior'"):
         fit_svi(model, guide, y.float(), steps=600, warmup=0, progress=False)
     sigma2 = pyro.param("sigma").item() ** 2

@@ -93,7 +93,9 @@ def test_guide_with_gru_encoder_trains_on_minibatches():
             x = pyro.sample("x", EulerMaruyama(lambda t, x: -x, torch.ones(2), init, batch.times))
             pyro.sample("y", dist.Normal(x, 0.1).mask(batch.mask).to_event(2), obs=batch.values)
 
-    guide = GirsanovGuide(model, control="mlp", encoder=Recording(2, 8, 16), hidden_dims=(16,))
+    guide = GirsanovGuide(
+        model, control="mlp", covariance="prior", encoder=Recording(2, 8, 16), hidden_dims=(16,)
+    )
     elbo = Trace_ELBO(num_particles=8, vectorize_particles=True)
     svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.02}), elbo)
     losses = [svi.step(data) for _ in range(40)]

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from pyro_nsde import EulerMaruyama, GaussMarkovEulerMaruyama, LinearControl
-from pyro_nsde.posterior.gauss_markov import affine_scan, check_linear_family
+from pyro_nsde.posterior.gauss_markov import check_linear_family
+from pyro_nsde.posterior.scan import affine_scan
 from pyro_nsde.sde.euler_maruyama import simulate
 
 

@@ -173,8 +173,8 @@ def test_to_inference_data_resamples_the_draws_of_a_good_guide():
     )
     stats = group(idata, "sample_stats")
     assert stats.attrs["importance_resampled"] == 1
-    assert stats.attrs["importance_ess"] > 0.99 * 4 * 300  # 4 proposals per draw by default
-    assert stats.attrs["importance_proposals"] == 4 * 300  # no multivariate site: one round
+    assert stats.attrs["importance_ess"] > 0.99 * 2 * 300  # 2 proposals per draw by default
+    assert stats.attrs["importance_proposals"] == 2 * 300  # no multivariate site: one round
     assert "log_weight" not in stats and stats["lp"].shape == (1, 300)
     assert group(idata, "posterior")["x"].shape[:2] == (1, 300)
 

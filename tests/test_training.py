@@ -29,7 +29,7 @@ def test_warmup_holds_the_model_parameters_then_trains_them():
 
 
 def test_mean_shift_guide_of_a_model_with_parameters_is_warned_about():
-    guide = GirsanovGuide(model, control="affine")
+    guide = GirsanovGuide(model, control="affine", covariance="prior")
     with pytest.warns(UserWarning, match="covariance='full'"):
         fit_svi(model, guide, Y, steps=2, progress=False)
     pyro.clear_param_store()

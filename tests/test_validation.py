@@ -911,7 +911,7 @@ COUNTS = torch.tensor([3.0, 1.0])
 
 
 def test_find_nonfinite_site_names_an_overflowing_likelihood():
-    guide = GirsanovGuide(poisson_model, control="affine")
+    guide = GirsanovGuide(poisson_model, control="affine", covariance="prior", latents="normal")
     found = find_nonfinite_site(poisson_model, guide, COUNTS)
     assert (found.name, found.trace, found.kind) == ("counts", "model", "log_prob")
     assert math.isnan(found.example)

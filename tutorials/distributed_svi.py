@@ -110,6 +110,8 @@ def main(argv=None):
     guide = GirsanovGuide(
         model,
         control="affine",
+        covariance="prior",
+        latents="normal",
         create_plates=lambda y, idx: pyro.plate("series", num_series, subsample=idx, dim=-1),
     )
     elbo = Trace_ELBO(

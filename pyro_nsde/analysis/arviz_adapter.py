@@ -77,6 +77,15 @@ def _check_data(data):
 # --------------------------------------------------------------------------- containers
 
 
+def load(container: str | None = None) -> None:
+    """Import the ArviZ line behind ``container`` (and xarray) now, rather than at the first
+    conversion: a few seconds that a timed fit should not count."""
+    if check_container(container) == "InferenceData":
+        import arviz  # noqa: F401
+    else:
+        import arviz_base  # noqa: F401
+
+
 def build(groups: dict, *, coords: dict, dims: dict, container: str | None = None):
     """The ArviZ object of ``groups`` ``{group: {variable: array}}``.
 

@@ -18,7 +18,7 @@ from pyro.infer.importance import vectorized_importance_weights
 from pyro.infer.util import plate_log_prob_sum
 from pyro.poutine.util import prune_subsample_sites
 
-from ..sde.sites import is_subsampled, plate_nesting, unwrap_path_distribution
+from ..sde.sites import is_subsampled, log_joint, plate_nesting, unwrap_path_distribution
 from .importance import KHAT_THRESHOLD, importance_resample
 
 #: The name of the plate over draws in a vectorized trace.
@@ -120,13 +120,6 @@ def vectorized_trace(model, samples: dict, sites: dict, num_draws: int, nesting:
     return prune_subsample_sites(trace)
 
 
-def log_joint(trace, plate_name: str = DRAW_PLATE) -> torch.Tensor:
-    """``log p(z_s, y)`` for each draw ``s`` of a vectorized trace, ``(S,)``."""
-    trace.compute_log_prob()
-    trace.pack_tensors()
-    return plate_log_prob_sum(trace, trace.plate_to_symbol[plate_name]).reshape(-1)
-
-
 def conditioned_trace(model, samples: dict, args, kwargs):
     """The model run on draws ``samples`` ``{site: (S, *shape)}`` of (some of) its latent
     sites: ``(vectorized trace, {name: SiteInfo}, plate nesting)``."""
@@ -203,7 +196,9 @@ def resampled_draws(model, guide, draws: Draws, args, kwargs, options) -> Draws:
         if site.kind == "latent"
     }
     trace = vectorized_trace(model, samples, draws.sites, draws.num_draws, nesting, args, kwargs)
-    return dataclasses.replace(draws, trace=trace, sample_stats={"lp": log_joint(trace)})
+    return dataclasses.replace(
+        draws, trace=trace, sample_stats={"lp": log_joint(trace, DRAW_PLATE)}
+    )
 
 
 def mcmc_draws(model, mcmc, args, kwargs) -> Draws:
@@ -216,7 +211,7 @@ def mcmc_draws(model, mcmc, args, kwargs) -> Draws:
     num_draws = num_chains * num_per_chain
     samples = {k: v.reshape((num_draws,) + v.shape[2:]) for k, v in grouped.items()}
     trace, sites, _ = conditioned_trace(model, samples, args, kwargs)
-    stats = {"lp": log_joint(trace)}
+    stats = {"lp": log_joint(trace, DRAW_PLATE)}
     divergences = mcmc.diagnostics().get("divergences")
     if divergences is not None:
         diverging = torch.zeros(num_chains, num_per_chain, dtype=torch.bool)
@@ -243,7 +238,6 @@ __all__ = [
     "conditioned_trace",
     "describe_sites",
     "guide_draws",
-    "log_joint",
     "mcmc_draws",
     "per_draw",
     "prior_draws",

@@ -42,6 +42,10 @@ from ..sde.checks import check_positive_int
 
 #: ``k̂`` above which importance resampling is not trusted (Vehtari et al. 2024).
 KHAT_THRESHOLD = 0.7
+#: ``k̂`` below which the proposal is not adapted further (the weights' variance is finite).
+GOOD_KHAT = 0.5
+#: The most proposal rounds of :func:`importance_resample` by default.
+MAX_ROUNDS = 3
 
 
 class WidenMessenger(Messenger):
@@ -208,7 +212,7 @@ def importance_resample(
     num_proposals: int | None = None,
     df: float = 5.0,
     inflate: float = 1.3,
-    rounds: int = 3,
+    rounds: int | None = None,
     max_plate_nesting: int,
     **kwargs,
 ) -> ImportanceDraws:
@@ -226,15 +230,19 @@ def importance_resample(
     guide's own widened laws, only starts the adaptation: the draws returned are those of the
     adapted rounds, weighted against their mixture (a guide too narrow in some corner would
     otherwise keep its few huge weights there). The other sites' laws given the multivariate
-    ones are the same in every round, so only the multivariate sites' densities enter.
+    ones are the same in every round, so only the multivariate sites' densities enter. By
+    default the rounds stop as soon as the weights' ``k̂`` is below :data:`GOOD_KHAT` (a good
+    guide's widened laws are used as they are): a well-fitted guide costs one round.
 
-    :param int num_proposals: proposals per round, default ``4 * num_samples``.
+    :param int num_proposals: proposals per round, default ``2 * num_samples``.
     :param int rounds: proposal rounds (1: the widened guide alone; ``R > 1``: ``R - 1``
-        adapted rounds are returned). Guides without multivariate sites have one.
+        adapted rounds are returned); default: up to :data:`MAX_ROUNDS`, stopping at the
+        first good one. Guides without multivariate sites have one.
     :param int max_plate_nesting: the model's plate nesting.
     """
-    num_proposals = 4 * num_samples if num_proposals is None else num_proposals
-    check_positive_int("rounds", rounds)
+    num_proposals = 2 * num_samples if num_proposals is None else num_proposals
+    adaptive = rounds is None
+    rounds = MAX_ROUNDS if adaptive else check_positive_int("rounds", rounds)
 
     def weigh(proposal):
         # Heavy-tailed proposals reach parameters where a path overflows: such a draw gets
@@ -260,7 +268,11 @@ def importance_resample(
     proposals = [WidenMessenger(df=df, inflate=inflate)]
     log_weights, model_trace, values = weigh(proposals[0])
     traces, own, draws = [model_trace], [log_weights], [values]
+    weights, khat = psis_weights(log_weights)
+    kept = slice(0, 1)
     while proposals[0].laws and len(proposals) < rounds:
+        if adaptive and _good(weights, khat):
+            break
         # The mixture weights of all proposals so far give the next round's moments.
         weights, _ = psis_weights(_mixture_log_weights(proposals, own, draws))
         stacked = {name: torch.cat([v[name] for v in draws]) for name in proposals[0].laws}
@@ -270,10 +282,10 @@ def importance_resample(
         traces.append(model_trace)
         own.append(log_weights)
         draws.append(values)
-    if len(proposals) > 1:  # the first round was a pilot: only the adapted ones are kept
-        proposals, own, draws, traces = proposals[1:], own[1:], draws[1:], traces[1:]
-    log_weights = _mixture_log_weights(proposals, own, draws)
-    weights, khat = psis_weights(log_weights)
+        kept = slice(1, None)  # the first round was a pilot: only the adapted ones are kept
+        log_weights = _mixture_log_weights(proposals[kept], own[kept], draws[kept])
+        weights, khat = psis_weights(log_weights)
+    traces = traces[kept]
     return ImportanceDraws(
         model_trace=_concatenate_draws(traces, num_proposals),
         log_weights=log_weights,
@@ -282,6 +294,14 @@ def importance_resample(
         pareto_k=khat,
         ess=float(1.0 / weights.pow(2).sum()),
     )
+
+
+def _good(weights: torch.Tensor, khat: float) -> bool:
+    """Whether normalized weights need no better proposal: ``k̂ <`` :data:`GOOD_KHAT`, or no
+    tail to fit (``k̂`` nan) and an effective sample size over half the proposals."""
+    if math.isnan(khat):
+        return float(1.0 / weights.pow(2).sum()) > 0.5 * weights.numel()
+    return khat < GOOD_KHAT
 
 
 def _mixture_log_weights(proposals, log_weights, draws) -> torch.Tensor:
@@ -323,7 +343,9 @@ def _concatenate_draws(traces, num: int):
 
 
 __all__ = [
+    "GOOD_KHAT",
     "KHAT_THRESHOLD",
+    "MAX_ROUNDS",
     "ImportanceDraws",
     "WidenMessenger",
     "importance_resample",

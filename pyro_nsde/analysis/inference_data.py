@@ -113,7 +113,7 @@ def to_inference_data(
     log_likelihood: bool = True,
     prior: bool = False,
     container: str | None = None,
-    importance_resampling: bool | dict = False,
+    importance_resampling: bool | dict | str = "auto",
 ):
     r"""Convert a fit of ``model`` to ArviZ.
 
@@ -163,14 +163,16 @@ def to_inference_data(
     :param str container: ``"InferenceData"`` (ArviZ 0.x) or ``"DataTree"`` (ArviZ 1.x, or
         ``arviz-base`` with ArviZ 0.x); default: that of the installed ArviZ.
     :param importance_resampling: with a guide, correct its draws towards the posterior by
-        importance resampling (:func:`~pyro_nsde.analysis.importance.importance_resample`: proposals
-        from the guide widened into Student-t laws, Pareto-smoothed weights): ``True``, or a
-        dict of its options (``num_proposals``, ``df``, ``inflate``, ``rounds``). The draws are
-        replaced only if the weights' Pareto ``k̂`` is below 0.7, else the guide's own draws
-        are kept with a warning; ``sample_stats.attrs`` records ``importance_pareto_k``,
-        ``importance_ess``, ``importance_proposals`` (how many weighted proposals the draws
-        were resampled from) and ``importance_resampled``. The ``log_weight`` statistic (of the
-        guide's own draws) is then left out, and ``lp`` is that of the returned draws.
+        importance resampling (:func:`~pyro_nsde.analysis.importance.importance_resample`:
+        proposals from the guide widened into Student-t laws, Pareto-smoothed weights):
+        ``"auto"`` (the default: when a draw has at most :data:`MAX_WEIGHTED_DIM` latent
+        coordinates), ``True``, ``False``, or a dict of its options (``num_proposals``,
+        ``df``, ``inflate``, ``rounds``). The draws are replaced only if the weights' Pareto
+        ``k̂`` is below 0.7, else the guide's own draws are kept with a warning;
+        ``sample_stats.attrs`` records ``importance_pareto_k``, ``importance_ess``,
+        ``importance_proposals`` (how many weighted proposals the draws were resampled from)
+        and ``importance_resampled``. The ``log_weight`` statistic (of the guide's own draws)
+        is then left out, and ``lp`` is that of the returned draws.
     :returns: :class:`arviz.InferenceData` or :class:`xarray.DataTree`.
     """
     if (guide is None) == (mcmc is None) and not (guide is None and prior):
@@ -184,6 +186,8 @@ def to_inference_data(
         importance = _importance_options(importance_resampling)
         draws = guide_draws(model, guide, model_args, kwargs, num_chains * num_samples, num_chains)
         diagnostics = VariationalDiagnostics.from_log_weights(draws.log_weights)
+        if importance_resampling == "auto" and not _weighable(draws):
+            importance = None
         if importance is not None:
             draws = resampled_draws(model, guide, draws, model_args, kwargs, importance)
         draws.attrs = {**dataclasses.asdict(diagnostics), **draws.attrs}
@@ -195,15 +199,28 @@ def to_inference_data(
     return _convert(runs, coords, dims, log_likelihood, container)
 
 
+#: ``importance_resampling="auto"`` weights the guide's draws when they have at most this many
+#: latent coordinates (a path of a few thousand states and its parameters): beyond, the weights
+#: of any guide short of exact degenerate, and proposals of that size cost more than they give.
+MAX_WEIGHTED_DIM = 20000
+
+
+def _weighable(draws) -> bool:
+    """Whether ``"auto"`` importance resampling applies to a guide's draws: at most
+    :data:`MAX_WEIGHTED_DIM` latent coordinates per draw."""
+    size = sum(site.shape.numel() for site in draws.sites.values() if site.kind == "latent")
+    return size <= MAX_WEIGHTED_DIM
+
+
 def _importance_options(importance_resampling):
     """The options of importance resampling (``None``: none)."""
-    if importance_resampling is True:
+    if importance_resampling is True or importance_resampling == "auto":
         return {}
     if importance_resampling is False:
         return None
     if not isinstance(importance_resampling, dict):
         raise TypeError(
-            f"importance_resampling must be a bool or a dict of options, but got "
+            f"importance_resampling must be 'auto', a bool or a dict of options, but got "
             f"{importance_resampling!r}"
         )
     return importance_resampling

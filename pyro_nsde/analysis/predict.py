@@ -28,7 +28,7 @@ from pyro import poutine
 
 from ..sde.checks import check_positive_int
 from ..sde.noise import check_noise_type, diffusion_event_dim
-from ..sde.sites import plate_nesting, unwrap_path_distribution
+from ..sde.sites import guided_plate_nesting, unwrap_path_distribution
 
 #: Schemes available for each noise type, the first being the default.
 METHODS = {
@@ -169,7 +169,7 @@ def predictive_paths(
         model's plates (size 1 along plates the site is not in).
     """
     check_positive_int("num_samples", num_samples)
-    max_plate_nesting = _max_plate_nesting(model, guide, args, kwargs)
+    max_plate_nesting = guided_plate_nesting(model, guide, args, kwargs)
     with torch.no_grad(), poutine.block():
         with pyro.plate("_num_predictive_samples", num_samples, dim=-max_plate_nesting - 1):
             guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
@@ -209,14 +209,6 @@ def predictive_paths(
             dt=dt,
         )
     return paths[..., 1:, :] if prepend else paths
-
-
-def _max_plate_nesting(model, guide, args, kwargs) -> int:
-    """The plate nesting of ``model`` replayed on a draw of ``guide``."""
-    with torch.no_grad(), poutine.block():
-        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-        model_trace = poutine.trace(poutine.replay(model, guide_trace)).get_trace(*args, **kwargs)
-    return plate_nesting(guide_trace, model_trace)
 
 
 __all__ = ["METHODS", "predictive_paths", "solve_sde"]

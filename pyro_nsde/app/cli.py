@@ -27,6 +27,7 @@ import argparse
 import math
 import os
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -44,24 +45,17 @@ from .training import fit_svi
 #: Carpenter (2018), "Predator-Prey Population Dynamics: the Lotka-Volterra model in Stan".
 PUBLISHED_RATES = {"alpha": 0.55, "beta": 0.028, "gamma": 0.80, "delta": 0.024}
 
-#: The guide of both commands: the affine control with a learned step covariance (the path
-#: posterior of a linear SDE is in the family; a learned diffusion cannot collapse into
-#: observation noise, docs/covariance.md), a full-rank normal over the rates and scales
-#: (their correlations with each other are strong), and the path's coefficients following
-#: the drawn parameters through a Kalman smoother of the model linearized at the
-#: posterior's mean path (``conditional="kalman"``, the default for the affine control).
-GUIDE_OPTIONS = {"control": "affine", "covariance": "full", "latents": "multivariate"}
+#: Options of the neural model's guide beyond the defaults (the statistical models use
+#: ``GirsanovGuide(model)`` as it is: the Gauss–Markov path following every draw of the
+#: parameters through a Kalman smoother, a full-rank normal over the rates and scales started
+#: at their Laplace approximation). A neural drift is a model parameter, not a latent: there is
+#: no drawn θ for the path to follow, and a smoother per step over a long grid would dominate
+#: the run; the path's coefficients start at the Laplace fit and are re-fitted every 50 steps.
+NEURAL_GUIDE_OPTIONS = {"control": "affine", "conditional": None, "refresh_every": 50}
 
-#: Proposals per draw in each round of the importance resampling of the guide's draws (a
-#: pilot round and two adapted ones: :func:`~pyro_nsde.analysis.importance.importance_resample`).
-IMPORTANCE_PROPOSALS = 8
-
-#: Defaults of ``--steps`` and ``--samples``, and their values under ``PYRO_NSDE_FAST=1``.
-#: ``fit --model ou`` takes 1000: its four skewed parameters need a well-settled normal family
-#: for the importance resampling to pass its k̂ check (on the Nile series, with the adaptive
-#: rounds, it passed on seeds 0-3 with 1000 steps; 500 steps failed it on 2 of 2 seeds before
-#: the rounds were added and were not re-measured since).
-DEFAULT_STEPS = {"demo": 500, "fit": {"neural": 500, "ou": 1000}}
+#: Defaults of ``--steps`` (``None``: until the ELBO stops improving, :func:`fit_svi`) and
+#: ``--samples``, and their values under ``PYRO_NSDE_FAST=1``.
+DEFAULT_STEPS = {"demo": None, "fit": {"neural": 500, "ou": None}}
 DEFAULT_SAMPLES = 1000
 FAST_STEPS, FAST_SAMPLES = 30, 100
 
@@ -173,6 +167,10 @@ def _report(files, coverage, num_observed):
         print(f"  {name:<{width}}  {path}")
 
 
+def _svi_steps(steps: int | None) -> str:
+    return "SVI until converged" if steps is None else f"{steps} SVI steps"
+
+
 def _forecast_times(last: float, horizon: float, step: float) -> torch.Tensor:
     """``last + step, last + 2 step, ..., last + horizon`` (the last point exactly)."""
     num = max(1, math.ceil(horizon / step - 1e-9))
@@ -183,42 +181,39 @@ def _forecast_times(last: float, horizon: float, step: float) -> torch.Tensor:
 
 
 def _fit_and_forecast(model, values, coords, future, args):
-    """Fit ``model`` to ``values`` with the ``GirsanovGuide`` of :data:`GUIDE_OPTIONS` and
-    :func:`~pyro_nsde.fit_svi`, convert the posterior to ArviZ (importance-resampled where its
-    Pareto ``k̂`` allows) and forecast the path at ``future`` times: ``(losses, idata,
-    forecast path)``."""
+    """Fit ``model`` to ``values`` with a ``GirsanovGuide`` (its defaults; for a neural model
+    :data:`NEURAL_GUIDE_OPTIONS`) and :func:`~pyro_nsde.fit_svi`, convert the posterior to ArviZ
+    (importance-resampled where its Pareto ``k̂`` allows) and forecast the path at ``future``
+    times: ``(losses, idata, forecast path)``."""
     # Imported here, not at the top: ArviZ and xarray are slow to import and --help needs neither.
     from ..analysis.forecast import forecast
     from ..analysis.inference_data import to_inference_data
 
-    options = dict(GUIDE_OPTIONS)
-    if isinstance(model, NeuralSDE):
-        # A neural drift is a model parameter, not a latent: there is no drawn θ for the path
-        # to follow, and a smoother per step over a long grid would dominate the run. The
-        # path's coefficients start at the Laplace fit and are re-fitted every 50 steps (a
-        # re-fit on a long grid costs as much as several steps).
-        options["conditional"] = None
-        options["refresh_every"] = 50
+    options = NEURAL_GUIDE_OPTIONS if isinstance(model, NeuralSDE) else {}
     guide = GirsanovGuide(model, **options)
+    # Out of the timing: ArviZ's import, and torch's lazy import of its compiler (on the first
+    # step of any torch optimizer).
+    arviz_adapter.load()
+    import torch._dynamo  # noqa: F401
+
+    start = time.perf_counter()
     losses = fit_svi(
         model, guide, values, steps=args.steps, max_plate_nesting=2, progress=not args.quiet
     )
     idata = to_inference_data(
-        model,
-        guide=guide,
-        model_args=(values,),
-        num_samples=args.samples,
-        coords=coords,
-        importance_resampling={"num_proposals": IMPORTANCE_PROPOSALS * args.samples},
+        model, guide=guide, model_args=(values,), num_samples=args.samples, coords=coords
     )
+    seconds = time.perf_counter() - start
     stats = arviz_adapter.group(idata, "sample_stats").attrs
-    if not args.quiet:
+    if not args.quiet and "importance_resampled" in stats:
         state = "applied" if stats["importance_resampled"] else "not applied (k >= 0.7)"
         print(
             f"importance resampling {state}: Pareto k {stats['importance_pareto_k']:.2f}, "
             f"effective sample size {stats['importance_ess']:.0f} of "
             f"{stats['importance_proposals']} weighted proposals"
         )
+    if not args.quiet:
+        print(f"fit: {seconds:.1f} s ({len(losses)} SVI steps and the posterior draws)")
     return losses, idata, forecast(model, idata, future, model_args=(values,))
 
 
@@ -236,7 +231,7 @@ def run_demo(args) -> dict:
     print(
         f"fitting a stochastic Lotka-Volterra model to the lynx-hare pelts "
         f"{first_year:.0f}-{last_year:.0f} ({model.times.shape[0] - 1} "
-        f"Euler-Maruyama steps, {args.steps} SVI steps)"
+        f"Euler-Maruyama steps, {_svi_steps(args.steps)})"
     )
     coords = {
         "series": list(data.columns),
@@ -291,7 +286,7 @@ def run_fit(args) -> dict:
     print(
         f"fitting a latent {MODEL_NAMES[args.model]} SDE "
         f"to {', '.join(series.columns)} ({len(series)} rows, {int(series.mask.sum())} values, "
-        f"{model.times.shape[0] - 1} Euler-Maruyama steps, {args.steps} SVI steps)"
+        f"{model.times.shape[0] - 1} Euler-Maruyama steps, {_svi_steps(args.steps)})"
     )
     coords = {
         "series": list(series.columns),
@@ -424,7 +419,10 @@ def build_parser() -> argparse.ArgumentParser:
         out = f"pyro_nsde_{sub.prog.split()[-1]}"
         steps = DEFAULT_STEPS[sub.prog.split()[-1]]
         if isinstance(steps, dict):
-            steps = ", ".join(f"{value} for --model {key}" for key, value in steps.items())
+            steps = ", ".join(
+                f"{value or 'until converged'} for --model {key}" for key, value in steps.items()
+            )
+        steps = steps or "until converged"
         sub.add_argument("--out", default=out, help=f"output folder (default: {out})")
         sub.add_argument("--steps", type=_positive_int, help=f"SVI steps (default: {steps})")
         sub.add_argument(

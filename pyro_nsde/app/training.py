@@ -34,6 +34,7 @@ from pyro.infer import SVI, Trace_ELBO
 from tqdm.auto import tqdm
 
 from ..sde.checks import check_positive_int
+from ..sde.sites import guided_plate_nesting
 
 
 def model_has_parameters(model, *args, **kwargs) -> bool:
@@ -43,41 +44,72 @@ def model_has_parameters(model, *args, **kwargs) -> bool:
     return any(site["type"] == "param" for site in trace.nodes.values())
 
 
+class SVIHistory(list):
+    """The losses (negative ELBO estimates) of a :func:`fit_svi` run, one per step, with
+    ``converged`` (whether the run stopped at its stopping rule; ``None`` for a fixed number
+    of steps)."""
+
+    converged: bool | None = None
+
+
 def fit_svi(
     model,
     guide,
     *args,
-    steps: int = 1000,
-    lr: float = 0.03,
+    steps: int | None = None,
+    lr: float | None = None,
     final_lr: float | None = None,
     num_particles: int = 8,
     warmup: int | None = None,
     max_plate_nesting: int | None = None,
     progress: bool = True,
+    max_steps: int = 2000,
+    window: int = 10,
     **kwargs,
-) -> list[float]:
+) -> SVIHistory:
     """Fit ``guide`` (and the model's parameters) to ``model(*args, **kwargs)`` by SVI.
+
+    With ``steps`` the run takes exactly that many steps, the learning rate decaying
+    geometrically from ``lr`` to ``final_lr``. Without (the default) it runs until the ELBO
+    stops improving, at most ``max_steps``: at the constant rate ``lr`` until the mean loss of
+    the last ``w`` steps is no longer below that of the ``w`` before by more than its standard
+    error, with ``w`` a quarter of the steps so far (at least ``window``: a run that starts at
+    its optimum, as the default guide's Laplace start of a statistical model does, stops after
+    a few windows, a slow steady improvement over hundreds of steps is still seen), then ``w``
+    more steps at ``final_lr`` so that the last iterates settle. It says when it converged (a
+    printed line with ``progress``, and a warning if it did not).
 
     :param model: a Pyro model.
     :param guide: its guide, e.g. a :class:`~pyro_nsde.GirsanovGuide`.
-    :param int steps: SVI steps in all (warm-up included).
-    :param float lr: the initial learning rate of :class:`~pyro.optim.ClippedAdam`.
-    :param float final_lr: the learning rate reached at the last step (default ``lr / 10``).
+    :param int steps: SVI steps in all (warm-up included), or ``None``: until converged.
+    :param float lr: the initial learning rate of :class:`~pyro.optim.ClippedAdam` (default
+        0.03; 0.01 without ``steps`` for a :class:`~pyro_nsde.GirsanovGuide` that starts its
+        latent sites at their Laplace approximation, the default for statistical models: it
+        starts near its optimum, where larger steps only add noise).
+    :param float final_lr: the learning rate at the end (default ``lr / 10``).
     :param int num_particles: vectorized particles of :class:`~pyro.infer.Trace_ELBO`.
     :param int warmup: steps at the start with the model's parameters held fixed (default:
-        ``steps // 10`` if the model has parameters, else 0).
-    :param int max_plate_nesting: passed to :class:`~pyro.infer.Trace_ELBO` (default: Pyro
-        guesses it from a trace).
+        a tenth of ``steps``, or ``window`` steps without ``steps``, if the model has
+        parameters, else 0).
+    :param int max_plate_nesting: passed to :class:`~pyro.infer.Trace_ELBO` (default: read
+        off a trace of the model replayed on the guide).
     :param bool progress: show a progress bar with the running ELBO.
-    :returns: the loss (negative ELBO estimate) of every step.
+    :param int max_steps: the most steps without ``steps``.
+    :param int window: the steps over which progress is judged without ``steps``.
+    :returns: the loss of every step (an :class:`SVIHistory`).
     """
-    check_positive_int("steps", steps)
+    check_positive_int("steps", steps, optional=True)
+    check_positive_int("max_steps", max_steps)
+    check_positive_int("window", window)
+    if lr is None:
+        lr = 0.01 if steps is None and _starts_at_laplace(guide, *args, **kwargs) else 0.03
     final_lr = lr / 10 if final_lr is None else final_lr
     if not (lr > 0 and final_lr > 0):
         raise ValueError(f"lr and final_lr must be positive, but got {lr!r} and {final_lr!r}")
+    total = max_steps if steps is None else steps
     has_parameters = model_has_parameters(model, *args, **kwargs)
     if warmup is None:
-        warmup = steps // 10 if has_parameters else 0
+        warmup = (total // 10 if steps else min(window, total)) if has_parameters else 0
     if has_parameters and getattr(guide, "covariance", None) == "prior":
         warnings.warn(
             "the model has parameters (a learned drift or diffusion?) and the guide uses "
@@ -87,24 +119,85 @@ def fit_svi(
             UserWarning,
             stacklevel=2,
         )
-    if not (isinstance(warmup, int) and 0 <= warmup <= steps):
+    if not (isinstance(warmup, int) and 0 <= warmup <= total):
         raise ValueError(f"warmup must be an int in [0, steps], but got {warmup!r}")
-    decay = (final_lr / lr) ** (1.0 / steps)
+    decay = 1.0 if steps is None else (final_lr / lr) ** (1.0 / steps)
     optim = pyro.optim.ClippedAdam({"lr": lr, "lrd": decay, "clip_norm": 10.0})
-    options = {"num_particles": num_particles, "vectorize_particles": True}
-    if max_plate_nesting is not None:
-        options["max_plate_nesting"] = max_plate_nesting
+    if max_plate_nesting is None:
+        max_plate_nesting = guided_plate_nesting(model, guide, args, kwargs)
+    options = {
+        "num_particles": num_particles,
+        "vectorize_particles": True,
+        "max_plate_nesting": max_plate_nesting,
+    }
     elbo = Trace_ELBO(**options)
     frozen = SVI(poutine.block(model, hide_types=["param"]), guide, optim, elbo)
     joint = SVI(model, guide, optim, elbo)
-    losses = []
-    with tqdm(range(steps), desc="SVI", unit="step", disable=not progress) as bar:
+    losses = SVIHistory()
+    settle_until = None
+    with tqdm(range(total), desc="SVI", unit="step", disable=not progress) as bar:
         for step in bar:
             svi = frozen if step < warmup else joint
             losses.append(svi.step(*args, **kwargs))
-            if step % 10 == 0 or step == steps - 1:
+            if step % 10 == 0 or step == total - 1:
                 bar.set_postfix(elbo=f"{-np.mean(losses[-10:]):.2f}")
+            if steps is not None:
+                continue
+            if settle_until is None and step >= warmup:
+                width = max(window, (step + 1 - warmup) // 4)
+                if _plateau(losses[warmup:], width):
+                    settle_until = step + width
+                    _set_learning_rate(optim, final_lr)
+            if settle_until is not None and step + 1 >= settle_until:
+                losses.converged = True
+                break
+    if steps is None:
+        _report(losses, progress, max_steps)
     return losses
 
 
-__all__ = ["fit_svi", "model_has_parameters"]
+def _starts_at_laplace(guide, *args, **kwargs) -> bool:
+    """Whether ``guide`` starts its latent sites at their Laplace approximation (a
+    :class:`~pyro_nsde.GirsanovGuide` whose ``"auto"`` options chose it; set up here)."""
+    options = getattr(guide, "options", None)
+    if options is None or not hasattr(guide, "prototype_trace"):
+        return False
+    if guide.prototype_trace is None:
+        guide(*args, **kwargs)
+    return guide.options.init_latents == "laplace"
+
+
+def _plateau(losses, window: int) -> bool:
+    """Whether the mean of the last ``window`` losses is no longer below the mean of the
+    ``window`` before by more than the standard error of their difference."""
+    if len(losses) < 2 * window:
+        return False
+    last = np.asarray(losses[-window:])
+    before = np.asarray(losses[-2 * window : -window])
+    error = np.sqrt((last.var(ddof=1) + before.var(ddof=1)) / window)
+    return before.mean() - last.mean() < error
+
+
+def _set_learning_rate(optim, lr: float) -> None:
+    """Set the learning rate of every parameter's optimizer (and of those made later)."""
+    optim.pt_optim_args = {**optim.pt_optim_args, "lr": lr}
+    for optimizer in optim.optim_objs.values():
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+
+def _report(losses: SVIHistory, progress: bool, max_steps: int) -> None:
+    if not losses.converged:
+        losses.converged = False
+        warnings.warn(
+            f"fit_svi did not converge in max_steps={max_steps} steps (the ELBO was still "
+            f"improving); pass a larger max_steps, or steps= for a fixed number",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    elif progress:
+        elbo = -np.mean(losses[-10:])
+        print(f"SVI converged after {len(losses)} steps (ELBO {elbo:.2f})")
+
+
+__all__ = ["SVIHistory", "fit_svi", "model_has_parameters"]

@@ -28,7 +28,14 @@ import torch
 from pyro.distributions.transforms import biject_to
 
 from ..posterior.kalman import GaussianSites, smooth
-from ..posterior.laplace import coefficients_of, init_of, laplace, linearize, quadratic_sites
+from ..posterior.laplace import (
+    coefficients_of,
+    init_of,
+    laplace,
+    linearize,
+    posterior_mode,
+    quadratic_sites,
+)
 from ..sde.sites import is_subsampled, outside_inference, path_log_likelihood
 
 #: Optimizer steps on coefficients that start at (and follow) a Laplace approximation are this
@@ -106,9 +113,9 @@ class LaplaceStart(PriorStart):
         self.path = path
         if sites:  # the coefficients are expanded about this point (see _centred)
             self.centre = {k: values[k].detach().clone() for k in sites}
-        return self._rebase(site, prior, posterior, path, directions)
+        return self._rebase(site, posterior, path, directions)
 
-    def _rebase(self, site, prior, posterior, path, directions):
+    def _rebase(self, site, posterior, path, directions):
         """Move the coefficients and ``q(x_0)`` to a fit ``(2n + 1)`` times stacked along the
         dims left of the path's batch; returns the unperturbed path."""
         size = 2 * site.control.param_dim + 1 if directions is not None else 1
@@ -174,9 +181,29 @@ class KalmanConditional(LaplaceStart):
     parameters); the control's parameters and ``q(x_0)``'s are corrections on top."""
 
     corrects_init = True
+    #: The reference path need not be precise: it is only where the model is linearized, and
+    #: a refresh moves it by one Gauss–Newton step from the last one.
+    tolerance = 1e-3
 
-    def _rebase(self, site, prior, posterior, path, directions):
-        return path  # the smoother runs at each draw, around this path
+    def fit(self, guide, site, values, plates, args, kwargs):
+        """Fit the reference path (the mode of the path's posterior at ``values``) about which
+        the smoother linearizes the model at each draw; ``None`` if it is not finite (at the
+        first fit, also if the smoother there is not)."""
+        prior = guide.prior(site.name, values, plates, *args, **kwargs)
+        log_likelihood = path_log_likelihood(guide.raw_model, site.name, values, args, kwargs)
+        if self.path is None:
+            posterior, path = laplace(prior, log_likelihood, tolerance=self.tolerance)
+            finite = _finite_fit(posterior, path)
+        else:
+            path = posterior_mode(
+                prior, log_likelihood, self.path, tolerance=self.tolerance, max_iterations=1
+            )
+            finite = bool(torch.isfinite(path).all())
+        if not finite:
+            self._warn_not_finite(site.name)
+            return None
+        self.path = path
+        return path
 
     def inputs(self, guide, site, prior, values, args, kwargs):
         return None, _kalman_base(guide, site, prior, values, self.path, args, kwargs)

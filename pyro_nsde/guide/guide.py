@@ -26,8 +26,9 @@ from ..sde.sites import (
     unwrap_path_distribution,
 )
 from .conditionals import PriorStart, choose_conditional, global_sites
+from .global_laplace import laplace_start
 from .latents import latent_guide, latent_values
-from .options import GuideOptions
+from .options import GuideOptions, resolve
 from .site import PathSite, enter_plates
 
 
@@ -130,15 +131,16 @@ class GirsanovGuide(AutoGuide):
         self,
         model,
         *,
-        control="mlp",
+        control="auto",
         encoder=None,
         init_scale: float = 0.1,
         estimator: str = "girsanov",
-        covariance: str = "prior",
-        latents: str = "normal",
+        covariance: str = "auto",
+        latents: str = "auto",
         latent_rank: int | None = None,
         conditional: str | None = "auto",
         init_path: str = "laplace",
+        init_latents: str | None = "auto",
         refresh_every: int | None = 10,
         init_loc_fn=init_to_median,
         hidden_dims=(64, 64),
@@ -172,6 +174,16 @@ class GirsanovGuide(AutoGuide):
     def _setup_prototype(self, *args, **kwargs):
         super()._setup_prototype(*args, **kwargs)
         paths, others = self._classify_sites()
+        subsampled = any(is_subsampled(f) for f in self._prototype_frames.values())
+        encoded = self.encoder is not None
+        self.options = resolve(
+            self.options,
+            self.prototype_trace,
+            paths,
+            others,
+            encoded=encoded,
+            subsampled=subsampled,
+        )
         self.latent_guide = None
         if others:
             self.latent_guide = latent_guide(self.raw_model, paths, self.options, self.init_loc_fn)
@@ -181,14 +193,13 @@ class GirsanovGuide(AutoGuide):
         self.x0_scales = PyroModule()
         self.x0_heads = nn.ModuleDict()
         self.x0_slopes = PyroModule()  # ∂ E[x_0] / ∂ η where q(x_0) follows the parameters
-        subsampled = any(is_subsampled(f) for f in self._prototype_frames.values())
         self.sites = {}
         for name, ndims in paths.items():
             conditional = choose_conditional(
                 self.options.control_for(name),
                 self.options,
                 subsampled=subsampled,
-                encoded=self.encoder is not None,
+                encoded=encoded,
                 global_sites=global_sites(self.prototype_trace, name, others),
             )
             self.sites[name] = PathSite(self, name, ndims, context, conditional)
@@ -205,6 +216,9 @@ class GirsanovGuide(AutoGuide):
             }
             with torch.no_grad(), outside_inference():
                 self._fit_paths(values, self._create_plates(*args, **kwargs), args, kwargs)
+        if self.options.init_latents == "laplace" and self.latent_guide is not None:
+            latent_values(self.latent_guide, args, kwargs, median=True)  # sets the family up
+            laplace_start(self, args, kwargs)
 
     def _classify_sites(self):
         """``({path site: to_event dims}, [other latent sites])``, in model order."""
@@ -278,13 +292,24 @@ class GirsanovGuide(AutoGuide):
         """
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
-        if self.encoder is not None or not any(s.conditional.fits for s in self.sites.values()):
+        if not self._fits_paths():
             return
         with outside_inference():  # nothing here belongs to the training step's trace
-            plates = self._create_plates(*args, **kwargs)
             medians = latent_values(self.latent_guide, args, kwargs, median=True)
-            values = {name: value.detach() for name, value in medians.items()}
-            self._fit_paths(values, plates, args, kwargs)
+            self.refresh_at({name: value.detach() for name, value in medians.items()}, args, kwargs)
+
+    @torch.no_grad()
+    def refresh_at(self, values: dict, args, kwargs):
+        """Re-fit the Laplace approximation of each path (as :meth:`refresh`) at the given
+        values of the other latent sites."""
+        if not self._fits_paths():
+            return
+        with outside_inference():
+            self._fit_paths(dict(values), self._create_plates(*args, **kwargs), args, kwargs)
+
+    def _fits_paths(self) -> bool:
+        """Whether any path site's conditional strategy fits a Laplace approximation."""
+        return self.encoder is None and any(s.conditional.fits for s in self.sites.values())
 
     def _fit_paths(self, values, plates, args, kwargs):
         """Fit each path site's conditional strategy (in model order) at ``values``; a fitted
@@ -333,14 +358,19 @@ class GirsanovGuide(AutoGuide):
             self._calls += 1
             if self._calls % self.options.refresh_every == 0:
                 self.refresh(*args, **kwargs)
-        plates = self._create_plates(*args, **kwargs)
+        plates = self._create_plates(*args, **kwargs)  # before the latent family's, which uses them
         values = latent_values(self.latent_guide, args, kwargs)
-        return self._draw_paths(plates, values, args, kwargs, pyro.sample)
+        return self.draw_paths(values, pyro.sample, args, kwargs, plates)
 
-    def _draw_paths(self, plates, values, args, kwargs, draw) -> dict:
+    def draw_paths(self, values: dict, draw, args, kwargs, plates=None) -> dict:
         """For each path site in turn, its posterior law given ``values`` (the other latent
         sites, and the paths drawn before it), and ``values[name] = draw(name, law)`` inside
-        the site's plates; returns ``values``."""
+        the site's plates; returns ``values`` (a new dict). ``draw`` is ``pyro.sample``, or
+        e.g. a function returning the law's mean path. ``plates``: the guide's plates of this
+        call, if made already."""
+        if plates is None:
+            plates = self._create_plates(*args, **kwargs)
+        values = dict(values)
         context, encoded = None, False
         for name, site in self.sites.items():
             prior = self.prior(name, values, plates, *args, **kwargs)
@@ -363,12 +393,13 @@ class GirsanovGuide(AutoGuide):
             raise NotImplementedError("median() is not available with subsampled plates")
         plates = self._create_plates(*args, **kwargs)
         values = latent_values(self.latent_guide, args, kwargs, median=True)
-
-        def skeleton(name, posterior):
-            return (posterior.base_dist if self.sites[name].ndims else posterior).skeleton()
-
         with poutine.block():
-            return self._draw_paths(plates, values, args, kwargs, skeleton)
+            return self.draw_paths(values, self.mean_path, args, kwargs, plates)
+
+    def mean_path(self, name: str, posterior):
+        """The noise-free path of path site ``name``'s posterior law from the mean of its
+        ``x_0`` (the posterior mean path for linear SDEs with an affine or linear control)."""
+        return (posterior.base_dist if self.sites[name].ndims else posterior).skeleton()
 
     # ----------------------------------------------------------------------------- state
 

@@ -1,10 +1,32 @@
-"""The options of a :class:`~pyro_nsde.GirsanovGuide`, checked once when the guide is built."""
+"""The options of a :class:`~pyro_nsde.GirsanovGuide`: checked once when the guide is built, and
+the ``"auto"`` defaults resolved once from the model's prototype trace (:func:`resolve`).
+
+The rule of ``"auto"`` (the configuration the documentation recommends):
+
+- ``control``: ``"linear"`` (a Gauss–Markov path posterior, sampled by a parallel scan) where the
+  prior admits it — a diffusion that does not depend on the state, or a diagonal one, and a
+  drift affine in the state in the directions the noise does not reach; otherwise ``"affine"``
+  without an encoder and ``"mlp"`` with one;
+- ``covariance``: ``"full"`` with affine and linear controls (the exact posterior of a linear
+  SDE is then in the family), ``"diagonal"`` with network controls;
+- ``latents``: ``"multivariate"`` for up to :data:`MAX_MULTIVARIATE` unconstrained coordinates
+  outside subsampled plates (the rates and noise scales of an SDE are strongly correlated), else
+  ``"normal"``;
+- ``conditional``: ``"kalman"``: for affine and linear controls the path's law follows every
+  draw of the parameters (and the model's current parameters) through the Kalman smoother of
+  the model linearized about the path's Laplace fit;
+- ``init_latents``: ``"laplace"`` (the other latent sites start at the Laplace approximation of
+  their marginal posterior, :mod:`~pyro_nsde.guide.global_laplace`) when every path follows its
+  parameters through a Kalman smoother and the family is multivariate, else ``None``.
+"""
 
 import dataclasses
 
 from ..posterior.controls import check_covariance
+from ..posterior.gauss_markov import check_linear_family
 from ..posterior.girsanov import ESTIMATORS
 from ..sde.checks import check_bool, check_choice, check_positive_int
+from ..sde.sites import is_subsampled, unwrap_path_distribution
 from .latents import LATENT_FAMILIES
 
 #: The named path families of ``control`` (besides a module or callable ``u(t, x, context)``).
@@ -13,20 +35,25 @@ CONTROL_NAMES = ("affine", "linear", "mlp")
 PATH_INITS = ("laplace", "prior")
 #: How those coefficients follow the parameters drawn with the path (``conditional``).
 CONDITIONALS = ("auto", "kalman", "taylor", None)
+#: Where the family of the other latent sites starts (``init_latents``).
+LATENT_INITS = ("auto", "laplace", None)
+#: ``latents="auto"`` is multivariate up to this many unconstrained coordinates.
+MAX_MULTIVARIATE = 100
 
 
 @dataclasses.dataclass(frozen=True)
 class GuideOptions:
     """The guide's arguments (see :class:`~pyro_nsde.GirsanovGuide`), checked."""
 
-    control: object = "mlp"
+    control: object = "auto"
     init_scale: float = 0.1
     estimator: str = "girsanov"
-    covariance: str = "prior"
-    latents: str = "normal"
+    covariance: str = "auto"
+    latents: str = "auto"
     latent_rank: int | None = None
     conditional: str | None = "auto"
     init_path: str = "laplace"
+    init_latents: str | None = "auto"
     refresh_every: int | None = 10
     hidden_dims: tuple = (64, 64)
     checkpoint_every: int | None = None
@@ -38,18 +65,20 @@ class GuideOptions:
             raise ValueError(f"init_scale must be a positive number, but got {self.init_scale!r}")
         specs = self.control.values() if isinstance(self.control, dict) else [self.control]
         for spec in specs:
-            if not (spec in CONTROL_NAMES or callable(spec)):
+            if not (spec in ("auto", *CONTROL_NAMES) or callable(spec)):
                 raise ValueError(
-                    f"control must be one of {CONTROL_NAMES}, a callable u(t, x, context) or "
-                    f"a dict of these, but got {spec!r}"
+                    f"control must be one of {('auto', *CONTROL_NAMES)}, a callable "
+                    f"u(t, x, context) or a dict of these, but got {spec!r}"
                 )
-        check_covariance(self.covariance)
-        check_choice("latents", self.latents, LATENT_FAMILIES)
+        if self.covariance != "auto":
+            check_covariance(self.covariance)
+        check_choice("latents", self.latents, ("auto", *LATENT_FAMILIES))
         check_positive_int("latent_rank", self.latent_rank, optional=True)
         if self.latent_rank is not None and self.latents != "lowrank":
             raise ValueError("latent_rank is only used with latents='lowrank'")
         check_choice("init_path", self.init_path, PATH_INITS)
         check_choice("conditional", self.conditional, CONDITIONALS)
+        check_choice("init_latents", self.init_latents, LATENT_INITS)
         check_bool("compile_step", self.compile_step)
         check_positive_int("refresh_every", self.refresh_every, optional=True)
         object.__setattr__(self, "init_scale", float(self.init_scale))
@@ -69,4 +98,67 @@ class GuideOptions:
         return self.control[name]
 
 
-__all__ = ["CONDITIONALS", "CONTROL_NAMES", "PATH_INITS", "GuideOptions"]
+def resolve(options: GuideOptions, trace, paths, others, *, encoded: bool, subsampled: bool):
+    """The options with their ``"auto"`` values chosen for the model (see the module
+    docstring): ``trace`` is the prototype trace, ``paths`` the path sites, ``others`` the
+    other latent sites."""
+    covariance = options.covariance
+    controls = {}
+    for name in paths:
+        spec = options.control_for(name)
+        if spec == "auto":
+            prior, _ = unwrap_path_distribution(trace.nodes[name]["fn"])
+            spec = _auto_control(prior, "full" if covariance == "auto" else covariance, encoded)
+        controls[name] = spec
+    coefficients = all(spec in ("affine", "linear") for spec in controls.values())
+    if covariance == "auto":
+        covariance = "full" if coefficients else "diagonal"
+    latents = options.latents
+    if latents == "auto":
+        size = sum(trace.nodes[name]["value"].numel() for name in others)
+        in_subsample = any(
+            is_subsampled(frame)
+            for name in others
+            for frame in trace.nodes[name]["cond_indep_stack"]
+        )
+        latents = "multivariate" if size <= MAX_MULTIVARIATE and not in_subsample else "normal"
+    conditional = "kalman" if options.conditional == "auto" else options.conditional
+    init_latents = options.init_latents
+    if init_latents == "auto":
+        kalman = coefficients and conditional == "kalman" and options.init_path == "laplace"
+        follows = kalman and not encoded and not subsampled
+        init_latents = "laplace" if follows and others and latents == "multivariate" else None
+    control = controls
+    if not isinstance(options.control, dict) and len(set(controls.values())) == 1:
+        control = next(iter(controls.values()))
+    return dataclasses.replace(
+        options,
+        control=control,
+        covariance=covariance,
+        latents=latents,
+        conditional=conditional,
+        init_latents=init_latents,
+    )
+
+
+def _auto_control(prior, covariance: str, encoded: bool) -> str:
+    """``"linear"`` where the Gauss–Markov family admits ``prior``, else ``"affine"`` (without
+    an encoder) or ``"mlp"``."""
+    state_dependent = prior.diffusion_depends_on_state()
+    state_scale = prior.noise_type == "diagonal" and covariance != "prior"
+    try:
+        check_linear_family(prior, state_scale or not state_dependent, state_dependent)
+    except ValueError:
+        return "mlp" if encoded else "affine"
+    return "linear"
+
+
+__all__ = [
+    "CONDITIONALS",
+    "CONTROL_NAMES",
+    "LATENT_INITS",
+    "MAX_MULTIVARIATE",
+    "PATH_INITS",
+    "GuideOptions",
+    "resolve",
+]

@@ -43,50 +43,7 @@ from ..sde.euler_maruyama import SimulatedSteps, at_all_steps
 from ..sde.noise import DiffusionFactor, apply_scale, as_matrix, diffuse, matvec
 from .controls import PerStepCoefficients, StepCoefficients
 from .girsanov import GirsanovEulerMaruyama
-
-
-def affine_scan(A: torch.Tensor, b: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
-    """All states of ``x_{k+1} = A_k x_k + b_k``, by a parallel (odd–even) scan.
-
-    Pairs of steps are composed into one affine map, the half-length recurrence is solved
-    recursively, and the skipped states are filled in: ``O(log K)`` rounds of batched products,
-    ``O(K)`` work. Only products of the ``A_k`` appear (no inverses, no cumulative products
-    divided out), so contracting chains underflow gracefully and long grids stay accurate.
-
-    :param torch.Tensor A: ``(K, *batch, d, d)``, or ``(K, *batch, d)`` for diagonal ``A_k``.
-    :param torch.Tensor b: ``(K, *batch, d)``.
-    :param torch.Tensor x0: ``(*batch, d)``.
-    :returns: ``(K, *batch, d)``: ``x_1, ..., x_K``.
-    """
-    diagonal = A.dim() == b.dim()
-    batch = torch.broadcast_shapes(A.shape[1 : A.dim() - (1 if diagonal else 2)], b.shape[1:-1])
-    batch = torch.broadcast_shapes(batch, x0.shape[:-1])
-    x0 = x0.expand(batch + x0.shape[-1:])
-    return _scan(A, b, x0, diagonal)
-
-
-def _apply(A, x, diagonal):
-    return A * x if diagonal else matvec(A, x)
-
-
-def _scan(A, b, x0, diagonal):
-    num = b.shape[0]
-    if num == 1:
-        return (_apply(A[0], x0, diagonal) + b[0]).unsqueeze(0)
-    half = num // 2
-    A_even, A_odd = A[0 : 2 * half : 2], A[1 : 2 * half : 2]
-    b_even, b_odd = b[0 : 2 * half : 2], b[1 : 2 * half : 2]
-    # x_{2i+2} = A_{2i+1} (A_{2i} x_{2i} + b_{2i}) + b_{2i+1}
-    A_pair = A_odd * A_even if diagonal else A_odd @ A_even
-    b_pair = _apply(A_odd, b_even, diagonal) + b_odd
-    evens = _scan(A_pair, b_pair, x0, diagonal)  # x_2, x_4, ..., x_{2 half}
-    starts = torch.cat([x0.expand(evens.shape[1:]).unsqueeze(0), evens[:-1]])
-    odds = _apply(A_even, starts, diagonal) + b_even  # x_1, x_3, ..., x_{2 half - 1}
-    states = torch.stack([odds, evens], dim=1).flatten(0, 1)
-    if num % 2:
-        last = _apply(A[-1], states[-1], diagonal) + b[-1]
-        states = torch.cat([states, last.unsqueeze(0)])
-    return states
+from .scan import affine_scan
 
 
 class LinearCoefficients(StepCoefficients):
@@ -351,6 +308,5 @@ __all__ = [
     "GaussMarkovEulerMaruyama",
     "LinearCoefficients",
     "LinearControl",
-    "affine_scan",
     "check_linear_family",
 ]

@@ -207,6 +207,16 @@ class GirsanovEulerMaruyama(TorchDistribution):
         lq = step_log_density(res.z, res.h, shift, scale, covariance) - res.factor.log_volume
         return self._init_log_prob(value) + lq.sum(0)
 
+    def log_density(self, value: torch.Tensor) -> torch.Tensor:
+        """The exact log density of ``value``, with its exact gradient (:meth:`log_prob`
+        without the gradient estimator's surrogate terms); reuses what simulating ``value``
+        computed when this law drew it."""
+        shape = torch.broadcast_shapes(value.shape[:-2], self.batch_shape)
+        record = records.find(value)
+        if record is None or record.owner is not self:
+            return self._exact_log_prob(value).expand(shape)
+        return (self._init_log_prob(value) + record.steps.posterior_log_prob()).expand(shape)
+
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         if self._validate_args:
             self._validate_sample(value)
@@ -215,7 +225,7 @@ class GirsanovEulerMaruyama(TorchDistribution):
         if record is None or record.owner is not self:
             return self._exact_log_prob(value).expand(shape)
         steps = record.steps
-        lq = self._init_log_prob(value) + steps.posterior_log_prob()
+        lq = self.log_density(value)
         if torch.is_grad_enabled():
             if self.estimator == "girsanov":
                 # log p - log q = -Σ KL_k + (zero-mean terms); drop their gradient.
@@ -223,7 +233,7 @@ class GirsanovEulerMaruyama(TorchDistribution):
                 lq = lq + (zero_mean - zero_mean.detach())
             elif self.estimator == "stl":
                 lq = lq.detach() + self._path_gradient_surrogate(value)
-        return lq.expand(shape)
+        return lq
 
     def _path_gradient_surrogate(self, value):
         """Zero-valued term whose gradient is ``∇_x log q(x) · ∂x/∂params``."""

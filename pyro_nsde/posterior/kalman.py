@@ -39,12 +39,12 @@ models linearized about a path, the Gauss–Newton step of a Laplace approximati
 """
 
 import dataclasses
-import math
 
 import torch
 
 from ..sde.noise import matvec
-from .gauss_markov import affine_scan
+from .scan import affine_scan, associative_scan
+from .small import cholesky_or_nan, inverse, solve, solve_triangular
 
 
 def _symmetric(matrix: torch.Tensor) -> torch.Tensor:
@@ -156,94 +156,113 @@ class GaussMarkovPosterior:
 
     def mean_path(self) -> torch.Tensor:
         """The posterior mean of every state, ``(K+1, *batch, d)`` (an affine recurrence,
-        solved by :func:`~pyro_nsde.posterior.gauss_markov.affine_scan`)."""
+        solved by :func:`~pyro_nsde.posterior.scan.affine_scan`)."""
         A, b, _ = self.transitions()
         return torch.cat([self.init_loc.unsqueeze(0), affine_scan(A, b, self.init_loc)])
 
 
-def cholesky_or_nan(matrix: torch.Tensor) -> torch.Tensor:
-    """The lower Cholesky factor of each (symmetrized) matrix of a batch, NaN for those that
-    are not positive definite: where rounding, or a model that is not finite at an extreme
-    parameter draw, breaks what holds in exact arithmetic, that draw's coefficients become NaN
-    instead of stopping the whole batch (importance weighting then gives it weight zero)."""
-    factor, info = torch.linalg.cholesky_ex(_symmetric(matrix))
-    if info.any():
-        factor = torch.where((info != 0)[..., None, None], math.nan, factor)
-    return factor
-
-
 def smooth(chain: LinearChain, sites: GaussianSites) -> GaussMarkovPosterior:
-    """The Gauss–Markov posterior of ``chain`` given ``sites`` (see the module docstring).
+    r"""The Gauss–Markov posterior of ``chain`` given ``sites`` (see the module docstring),
+    with no loop over steps.
 
-    A sequential backward pass over the ``K`` steps in square-root form: with
-    ``R_k = chol(I + h_k G_kᵀ Λ_{k+1} G_k)`` and ``V_k = R_k⁻¹ sqrt(h_k) G_kᵀ Λ_{k+1}``, the
-    correction ``h Λ G P Gᵀ Λ`` is ``V_kᵀ V_k`` (symmetric by construction). The loop keeps
-    ``R_k``, ``V_k`` and ``R_k⁻¹ sqrt(h_k) G_kᵀ (λ_{k+1} - Λ_{k+1} c_k)``; the controls and
-    ``P_k = R_k⁻ᵀ R_k⁻¹`` are computed from them for all steps at once afterwards.
+    The backward messages ``(Λ_k, λ_k)`` come from a parallel suffix scan
+    (:func:`~pyro_nsde.posterior.scan.associative_scan`) over the elements of Särkkä &
+    García-Fernández (2021): step ``k`` (``x_k → x_{k+1}``, with the site of ``x_{k+1}``) is
+
+        ``p(x_{k+1} | x_k, y_{k+1}) = N(A x_k + b, C)``,
+        ``p(y_{k+1} | x_k) ∝ exp(-½ xᵀ J x + ηᵀ x)``,
+
+    with ``Q = h G Gᵀ`` and ``M = (I + Q J_{k+1})⁻¹``: ``A = M F``, ``b = M (c + Q j_{k+1})``,
+    ``C = M Q``, ``J = Fᵀ J_{k+1} M F``, ``η = Fᵀ Mᵀ (j_{k+1} - J_{k+1} c)``. Composing the
+    elements of steps ``k, ..., K-1`` gives ``p(y_{k+1:K} | x_k)`` in information form, and
+    ``Λ_k = J_k + J_{k:K}``, ``λ_k = j_k + η_{k:K}``. Nothing inverts ``Q`` (rank-deficient
+    noise needs no special case). The controls and increment covariances then follow for all
+    steps at once, in square-root form: with ``R_k = chol(I + h_k G_kᵀ Λ_{k+1} G_k)`` and
+    ``V_k = R_k⁻¹ sqrt(h_k) G_kᵀ Λ_{k+1}``, ``P_k = R_k⁻ᵀ R_k⁻¹``.
     """
     batch = torch.broadcast_shapes(sites.precision.shape[1:-2], sites.information.shape[1:-1])
     chain = chain.broadcast(batch)
     batch = chain.init_loc.shape[:-1]
-    d, m = chain.diffusion.shape[-2:]
     num_steps = chain.transition.shape[0]
+    J = _stepped(sites.precision, 2, num_steps + 1, batch)
+    j = _stepped(sites.information, 1, num_steps + 1, batch)
+    suffix_J, suffix_eta = _backward_messages(chain, J, j)
+    Lam = _symmetric(J + torch.cat([suffix_J, torch.zeros_like(J[:1])]))  # Λ_0, ..., Λ_K
+    lam = j + torch.cat([suffix_eta, torch.zeros_like(j[:1])])
+    return _forward_form(chain, Lam, lam)
 
-    def stepped(tensor, event):  # (K+1, *some batch, *event) -> (K+1, *batch, *event)
-        missing = len(batch) - (tensor.dim() - 1 - event)
-        tensor = tensor.reshape(tensor.shape[:1] + (1,) * missing + tensor.shape[1:])
-        return tensor.expand((num_steps + 1, *batch) + tensor.shape[tensor.dim() - event :])
 
-    J = stepped(sites.precision, 2)
-    j = stepped(sites.information, 1)
-    eye_m = torch.eye(m, dtype=J.dtype, device=J.device)
-    root_h = chain.h.sqrt()[..., None, None]
-    scaled_t = root_h * chain.diffusion.mT  # sqrt(h) Gᵀ, (K, *batch, m, d)
-    steps = zip(
-        chain.transition.unbind(0),
-        chain.offset.unbind(0),
-        scaled_t.unbind(0),
-        J[:-1].unbind(0),
-        j[:-1].unbind(0),
-        strict=True,
-    )
-    Lam, lam = _symmetric(J[-1]), j[-1]
-    factors, projections, whitened = [], [], []
-    for F, c, Gt, J_k, j_k in reversed(list(steps)):
-        GtL = Gt @ Lam  # sqrt(h) Gᵀ Λ  (m, d)
-        # Positive definite in exact arithmetic; where rounding (or a non-finite model at an
-        # extreme parameter draw) breaks that, the draw's coefficients become NaN instead of
-        # stopping the whole batch: importance weighting then gives it weight zero.
-        R = cholesky_or_nan(eye_m + GtL @ Gt.mT)
-        V = torch.linalg.solve_triangular(R, GtL, upper=False)
-        residual = lam - matvec(Lam, c)  # λ - Λ c
-        w = torch.linalg.solve_triangular(R, matvec(Gt, residual).unsqueeze(-1), upper=False)
-        w = w.squeeze(-1)
-        factors.append(R)
-        projections.append(V @ F)
-        whitened.append(w)
-        Lam = J_k + F.mT @ (Lam - V.mT @ V) @ F
-        lam = j_k + matvec(F.mT, residual - matvec(V.mT, w))
-    R = torch.stack(factors[::-1])
+def _stepped(tensor, event, num, batch):
+    """``(num, *some batch, *event)`` → ``(num, *batch, *event)``."""
+    missing = len(batch) - (tensor.dim() - 1 - event)
+    tensor = tensor.reshape(tensor.shape[:1] + (1,) * missing + tensor.shape[1:])
+    return tensor.expand((num, *batch) + tensor.shape[tensor.dim() - event :])
+
+
+def _backward_messages(chain, J, j):
+    """``(J_{k:K}, η_{k:K})`` for ``k = 0, ..., K-1``: ``p(y_{k+1:K} | x_k)`` in information
+    form, by a suffix scan of the steps' elements."""
+    F, c, G, h = chain.transition, chain.offset, chain.diffusion, chain.h
+    Q = h[..., None, None] * (G @ G.mT)
+    J1, j1 = J[1:], j[1:]
+    eye = torch.eye(F.shape[-1], dtype=F.dtype, device=F.device)
+    system = eye + Q @ J1  # I + Q J, invertible: Q and J are positive semi-definite
+    A = solve(system, F)
+    b = solve(system, (c + matvec(Q, j1)).unsqueeze(-1)).squeeze(-1)
+    C = _symmetric(solve(system, Q))
+    info = _symmetric(F.mT @ J1 @ A)
+    eta = matvec(F.mT, solve(system.mT, (j1 - matvec(J1, c)).unsqueeze(-1))[..., 0])
+    *_, eta, info = associative_scan(_combine, (A, b, C, eta, info), reverse=True)
+    return _symmetric(info), eta
+
+
+def _combine(first, second):
+    """The element of two consecutive stretches of the chain, ``first`` then ``second``
+    (Särkkä & García-Fernández 2021, Lemma 8): with ``M = (I + C_1 J_2)⁻¹``,
+    ``A = A_2 M A_1``, ``b = A_2 M (b_1 + C_1 η_2) + b_2``, ``C = A_2 M C_1 A_2ᵀ + C_2``,
+    ``η = A_1ᵀ Mᵀ (η_2 - J_2 b_1) + η_1``, ``J = A_1ᵀ Mᵀ J_2 A_1 + J_1`` (``Mᵀ = (I + J_2
+    C_1)⁻¹``: ``C`` and ``J`` are symmetric)."""
+    A1, b1, C1, eta1, J1 = first
+    A2, b2, C2, eta2, J2 = second
+    eye = torch.eye(A1.shape[-1], dtype=A1.dtype, device=A1.device)
+    M = inverse(eye + C1 @ J2)
+    A2M, MA1 = A2 @ M, M @ A1  # and A_1ᵀ Mᵀ = (M A_1)ᵀ
+    A = A2M @ A1
+    b = matvec(A2M, b1 + matvec(C1, eta2)) + b2
+    C = A2M @ C1 @ A2.mT + C2
+    eta = matvec(MA1.mT, eta2 - matvec(J2, b1)) + eta1
+    J = MA1.mT @ J2 @ A1 + J1
+    return A, b, C, eta, J
+
+
+def _forward_form(chain, Lam, lam) -> GaussMarkovPosterior:
+    """The posterior's controls, increment covariances and ``q(x_0)`` from the messages
+    ``Λ_k, λ_k`` (``(K+1, *batch, d, d)``, ``(K+1, *batch, d)``), all steps at once."""
+    F, c, G, h = chain.transition, chain.offset, chain.diffusion, chain.h
+    root_h = h.sqrt()[..., None, None]
+    Gt = root_h * G.mT  # sqrt(h) Gᵀ, (K, *batch, m, d)
+    Lam_next, lam_next = Lam[1:], lam[1:]
+    GtL = Gt @ Lam_next
+    eye_m = torch.eye(G.shape[-1], dtype=G.dtype, device=G.device)
+    # Positive definite in exact arithmetic; where rounding (or a non-finite model at an
+    # extreme parameter draw) breaks that, the draw's coefficients become NaN instead of
+    # stopping the whole batch: importance weighting then gives it weight zero.
+    R = cholesky_or_nan(eye_m + GtL @ Gt.mT)
+    V = solve_triangular(R, GtL, upper=False)
+    residual = lam_next - matvec(Lam_next, c)  # λ - Λ c
+    w = solve_triangular(R, matvec(Gt, residual).unsqueeze(-1), upper=False)
     Rt = R.mT
-    inv_root_h = 1.0 / root_h
-    control_loc = (
-        torch.linalg.solve_triangular(
-            Rt, torch.stack(whitened[::-1]).unsqueeze(-1), upper=True
-        ).squeeze(-1)
-        * inv_root_h[..., 0]
-    )
-    control_gain = (
-        -torch.linalg.solve_triangular(Rt, torch.stack(projections[::-1]), upper=True) * inv_root_h
-    )
-    step_cov = _symmetric(torch.cholesky_inverse(R))
-    Lam = _symmetric(Lam)
-    eye_d = torch.eye(d, dtype=J.dtype, device=J.device)
+    control_loc = solve_triangular(Rt, w, upper=True).squeeze(-1) / root_h[..., 0]
+    control_gain = -solve_triangular(Rt, V @ F, upper=True) / root_h
+    step_cov = _symmetric(inverse(R @ Rt))
+    eye_d = torch.eye(F.shape[-1], dtype=F.dtype, device=F.device)
     S0 = chain.init_cov
-    system = eye_d + S0 @ Lam
-    init_cov = _symmetric(torch.linalg.solve(system, S0))
-    init_loc = torch.linalg.solve(system, (chain.init_loc + matvec(S0, lam)).unsqueeze(-1))
+    system = eye_d + S0 @ Lam[0]
+    init_cov = _symmetric(solve(system, S0))
+    init_loc = solve(system, (chain.init_loc + matvec(S0, lam[0])).unsqueeze(-1))
     return GaussMarkovPosterior(
         chain, init_loc.squeeze(-1), init_cov, control_loc, control_gain, step_cov
     )
 
 
-__all__ = ["GaussMarkovPosterior", "GaussianSites", "LinearChain", "cholesky_or_nan", "smooth"]
+__all__ = ["GaussMarkovPosterior", "GaussianSites", "LinearChain", "smooth"]

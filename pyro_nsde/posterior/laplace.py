@@ -30,7 +30,8 @@ from torch.distributions import Distribution, MultivariateNormal
 
 from ..sde.euler_maruyama import EulerMaruyama, simulate
 from ..sde.noise import as_matrix
-from .kalman import GaussianSites, GaussMarkovPosterior, LinearChain, cholesky_or_nan, smooth
+from .kalman import GaussianSites, GaussMarkovPosterior, LinearChain, smooth
+from .small import cholesky_or_nan, eigenvalue_range
 
 
 def init_moments(init, state_dim: int, like: torch.Tensor):
@@ -140,8 +141,9 @@ def quadratic_sites(log_likelihood, path: torch.Tensor, differentiable=False) ->
     if not differentiable:
         hessian, grad = hessian.detach(), grad.detach()
     precision = -0.5 * (hessian + hessian.mT)
-    eigenvalues, vectors = torch.linalg.eigh(precision.detach())
-    if bool((eigenvalues < -1e-8 * (1 + eigenvalues.abs().max())).any()):
+    smallest, largest = eigenvalue_range(precision.detach())
+    if bool((smallest < -1e-8 * (1 + largest.abs().max())).any()):
+        eigenvalues, vectors = torch.linalg.eigh(precision.detach())
         precision = (vectors * eigenvalues.clamp(min=0).unsqueeze(-2)) @ vectors.mT
     information = grad + (precision @ path.detach().unsqueeze(-1)).squeeze(-1)
     return GaussianSites(precision.movedim(-3, 0), information.movedim(-2, 0))
@@ -157,15 +159,23 @@ def skeleton(prior: EulerMaruyama) -> torch.Tensor:
     return path
 
 
-def laplace(
+def _fit(prior, log_likelihood, x):
+    """The smoother of the model linearized about ``x`` (in double precision: precise data
+    make stiff sites)."""
+    chain = linearize(prior, x).to(torch.float64)
+    return smooth(chain, quadratic_sites(log_likelihood, x).to(torch.float64))
+
+
+def posterior_mode(
     prior: EulerMaruyama,
     log_likelihood,
     path: torch.Tensor | None = None,
     *,
     max_iterations: int = 50,
     tolerance: float = 1e-6,
-) -> tuple[GaussMarkovPosterior, torch.Tensor]:
-    """The Laplace approximation of ``p(x | y) ∝ p(x) exp(L(x))`` as a Gauss–Markov chain.
+) -> torch.Tensor:
+    """The most probable path of ``p(x | y) ∝ p(x) exp(L(x))`` by damped Gauss–Newton (see
+    the module docstring), ``(*batch, K+1, d)``.
 
     :param EulerMaruyama prior: the path law.
     :param callable log_likelihood: ``L(x)`` for a path ``x`` ``(*batch, K+1, d)``, a tensor
@@ -173,26 +183,18 @@ def laplace(
     :param path: where to start (default: the prior's noise-free path, :func:`skeleton`).
     :param int max_iterations: Gauss–Newton iterations at most.
     :param float tolerance: stop when no state moves by more than this (relative to its size).
-    :returns: ``(posterior, path)``: the smoother's
-        :class:`~pyro_nsde.posterior.kalman.GaussMarkovPosterior`
-        (in double precision) linearized about the final path, and that path ``(*batch, K+1,
-        d)``.
     """
 
     def objective(x):
         with torch.no_grad():
             return float(prior.log_prob(x).sum() + torch.as_tensor(log_likelihood(x)).sum())
 
-    def fit(x):  # the smoother runs in double precision: precise data make stiff sites
-        chain = linearize(prior, x).to(torch.float64)
-        return smooth(chain, quadratic_sites(log_likelihood, x).to(torch.float64))
-
     current = skeleton(prior) if path is None else path.detach()
     batch = torch.broadcast_shapes(current.shape[:-2], prior.batch_shape)
     current = current.expand(batch + current.shape[-2:])
     value = objective(current)
     for _ in range(max_iterations):
-        posterior = fit(current)
+        posterior = _fit(prior, log_likelihood, current)
         proposal = posterior.mean_path().movedim(0, -2).to(current.dtype)
         step = 1.0
         while True:
@@ -207,10 +209,27 @@ def laplace(
         current, value = candidate, candidate_value
         if float(moved) < tolerance:
             break
-    return fit(current), current
+    return current
 
 
-@torch.no_grad()
+def laplace(
+    prior: EulerMaruyama,
+    log_likelihood,
+    path: torch.Tensor | None = None,
+    **options,
+) -> tuple[GaussMarkovPosterior, torch.Tensor]:
+    """The Laplace approximation of ``p(x | y) ∝ p(x) exp(L(x))`` as a Gauss–Markov chain:
+    :func:`posterior_mode` (``options``: ``max_iterations``, ``tolerance``) and the smoother
+    of the model linearized there.
+
+    :returns: ``(posterior, path)``: the smoother's
+        :class:`~pyro_nsde.posterior.kalman.GaussMarkovPosterior` (in double precision)
+        linearized about the mode, and the mode ``(*batch, K+1, d)``.
+    """
+    mode = posterior_mode(prior, log_likelihood, path, **options)
+    return _fit(prior, log_likelihood, mode), mode
+
+
 def coefficients_of(control, posterior: GaussMarkovPosterior) -> dict:
     """The coefficients of an :class:`~pyro_nsde.AffineControl` or a
     :class:`~pyro_nsde.LinearControl` that reproduce a Gauss–Markov posterior (e.g. from
@@ -270,6 +289,7 @@ __all__ = [
     "init_of",
     "laplace",
     "linearize",
+    "posterior_mode",
     "quadratic_sites",
     "skeleton",
 ]

@@ -91,12 +91,9 @@ def matvec(matrix: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
     particles) goes through ``einsum``, which contracts it as ``K`` products ``(B, d) (d, d)``;
     ``A @ x[..., None]`` would expand ``A`` into ``K B`` small products, and its backward
     into ``K B`` outer products summed over ``B`` (11× slower at ``K = 1000``, ``B = 512``,
-    ``d = 8``). Otherwise ``matmul``, the cheaper call on small per-step batches."""
-    shared = (
-        matrix.shape[:-2].numel()
-        < torch.broadcast_shapes(matrix.shape[:-2], vector.shape[:-1]).numel()
-    )
-    if shared:
+    ``d = 8``). Otherwise ``matmul``, the cheaper call on small per-step batches. (The test
+    compares the numbers of matrices and vectors: both branches give the same values.)"""
+    if math.prod(vector.shape[:-1]) > math.prod(matrix.shape[:-2]):
         return torch.einsum("...ij,...j->...i", matrix, vector)
     return (matrix @ vector.unsqueeze(-1)).squeeze(-1)
 

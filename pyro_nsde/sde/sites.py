@@ -5,16 +5,20 @@ The guide, the ArviZ conversion, forecasts and prediction all need to look at a 
 live here, each written once:
 
 - :func:`unwrap_path_distribution`: the path law under mask and ``to_event`` wrappers;
-- :func:`plate_nesting`: how many batch dims the sample sites of traces use;
+- :func:`plate_nesting`: how many batch dims the sample sites of traces use (and
+  :func:`guided_plate_nesting`: of a model replayed on its guide);
 - :func:`is_subsampled`, :func:`full_size`: a plate frame's subsampling;
 - :func:`run_to_site`: run a model, conditioned and blocked, up to one site;
 - :func:`path_log_likelihood`: ``x ↦ log p(everything else | x)`` for a path site;
+- :func:`log_joint`: the log joint of each draw of a trace vectorized over draws;
 - :func:`outside_inference`: side computations as if no Pyro handler were active.
 """
 
 from contextlib import contextmanager
 
+import pyro
 import pyro.distributions as dist
+import torch
 from pyro import poutine
 from pyro.distributions.torch_distribution import MaskedDistribution
 from pyro.poutine.runtime import _DIM_ALLOCATOR, _PYRO_STACK, NonlocalExit
@@ -63,16 +67,27 @@ def plate_nesting(*traces) -> int:
     return nesting
 
 
+def guided_plate_nesting(model, guide, args, kwargs) -> int:
+    """The plate nesting of ``model`` replayed on a draw of ``guide`` (both traces; one run
+    each, blocked and without gradients)."""
+    with torch.no_grad(), poutine.block():
+        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        model_trace = poutine.trace(poutine.replay(model, guide_trace)).get_trace(*args, **kwargs)
+    return plate_nesting(guide_trace, model_trace)
+
+
 def run_to_site(model, name: str, data: dict, args, kwargs) -> dict:
     """The site ``name`` of ``model(*args, **kwargs)`` from a blocked run conditioned on
-    ``data``, stopped at that site (nothing after it runs).
+    ``data``, stopped at that site (nothing after it runs). Runs without validation: it
+    repeats what the model's own (validated) runs in inference check.
 
     :raises RuntimeError: if the model does not reach the site.
     """
     model = poutine.condition(model, data=data)
     model = poutine.escape(model, escape_fn=lambda msg: msg["name"] == name)
     try:
-        poutine.block(model)(*args, **kwargs)
+        with pyro.validation_enabled(False):
+            poutine.block(model)(*args, **kwargs)
     except NonlocalExit as site_container:
         # The handlers inside have popped themselves; do not reset_stack(), which would
         # also reset the caller's handlers (e.g. clear the trace recording a guide).
@@ -83,15 +98,33 @@ def run_to_site(model, name: str, data: dict, args, kwargs) -> dict:
 def path_log_likelihood(model, name: str, values: dict, args, kwargs):
     """``x ↦ log p(everything else | x)`` at the given values of the other sites: the log
     joint of the model conditioned on them and on path site ``name`` at ``x``, without the
-    path's own term (sites upstream of it add a constant)."""
+    path's own term (sites upstream of it add a constant). Runs without validation, as
+    :func:`run_to_site`."""
 
     def log_likelihood(x):
         conditioned = poutine.condition(model, data={**values, name: x})
-        with poutine.block():
+        with poutine.block(), pyro.validation_enabled(False):
             trace = poutine.trace(conditioned).get_trace(*args, **kwargs)
         return trace.log_prob_sum(site_filter=lambda site_name, site: site_name != name)
 
     return log_likelihood
+
+
+def log_joint(trace, plate_name: str):
+    """``log p`` of a trace vectorized over draws in the plate ``plate_name`` (every sample
+    site inside it): one entry per draw, ``(S,)``, the other dims summed."""
+    trace.compute_log_prob()
+    total = 0.0
+    for site in trace.nodes.values():
+        if site["type"] != "sample":
+            continue
+        frame = next(f for f in site["cond_indep_stack"] if f.name == plate_name)
+        log_prob = site["log_prob"]
+        missing = -frame.dim - log_prob.dim()
+        log_prob = log_prob.reshape((1,) * max(missing, 0) + log_prob.shape).movedim(frame.dim, 0)
+        total = total + log_prob.reshape(log_prob.shape[0], -1).sum(-1)
+        size = frame.size
+    return total.expand(size)
 
 
 @contextmanager
@@ -112,7 +145,9 @@ def outside_inference():
 
 __all__ = [
     "full_size",
+    "guided_plate_nesting",
     "is_subsampled",
+    "log_joint",
     "outside_inference",
     "path_log_likelihood",
     "plate_nesting",

@@ -1,0 +1,185 @@
+r"""A Laplace start for the family of the other latent sites: the parameters ``θ`` start at the
+mode and curvature of their marginal posterior, with the paths integrated out by the guide.
+
+With the path's conditional law ``q(x | θ)`` from the Kalman smoother of the model linearized
+about its Laplace path (:class:`~pyro_nsde.guide.conditionals.KalmanConditional`), the ratio
+``p(θ, x, y) / q(x | θ)`` does not depend on ``x`` for a linear SDE observed with Gaussian
+noise: at any path it is ``p(θ, y)``. Evaluated at the mean path ``x̄(θ)`` of ``q(· | θ)`` it
+gives, in the unconstrained coordinates ``η`` of ``θ`` (with the log-Jacobian of ``θ(η)``),
+
+    ``ℓ(η) = log p(θ(η), x̄, y) - log q(x̄ | θ(η)) + log |det ∂θ/∂η|``,
+
+the log marginal posterior density of ``η`` (up to a constant) for linear-Gaussian models, and
+its Laplace-type approximation otherwise. Its mode ``η̂`` (L-BFGS) and the inverse of its
+negative Hessian ``H`` there (central differences of the gradient, all ``2n`` points in one
+vectorized run) give ``q(η) = N(η̂, H⁻¹)``: the family's optimum for a Gaussian marginal
+posterior, from which SVI needs a few polishing steps instead of hundreds, and which
+importance resampling corrects. This is the marginal Laplace approximation of INLA (Rue,
+Martino & Chopin 2009), with the Kalman smoother in place of the inner Gaussian approximation.
+
+**References:**
+
+[1] Håvard Rue, Sara Martino, Nicolas Chopin (2009), "Approximate Bayesian inference for latent
+    Gaussian models by using integrated nested Laplace approximations", JRSS B.
+"""
+
+import math
+
+import pyro
+import torch
+from pyro import poutine
+from pyro.distributions.transforms import biject_to
+from pyro.infer.autoguide import (
+    AutoLowRankMultivariateNormal,
+    AutoMultivariateNormal,
+    AutoNormal,
+)
+
+from ..sde.sites import log_joint, outside_inference
+from .slots import ParamSlot
+
+#: The plate over the points at which the marginal log density is evaluated together.
+POINTS_PLATE = "_pyro_nsde_laplace_points"
+#: The step of the central differences of the gradient, in unconstrained units.
+HESSIAN_STEP = 1e-3
+
+
+class MarginalDensity:
+    """``ℓ(η)`` at a batch of points ``η`` ``(n, D)`` (see the module docstring).
+
+    :param guide: a set-up :class:`~pyro_nsde.GirsanovGuide` with a latent family.
+    """
+
+    def __init__(self, guide, args, kwargs):
+        self.guide, self.args, self.kwargs = guide, args, kwargs
+        self.sites = []  # (name, node, transform, unconstrained shape)
+        for name, node in guide.latent_guide.prototype_trace.iter_stochastic_nodes():
+            transform = biject_to(node["fn"].support)
+            shape = transform.inv(node["value"]).shape
+            self.sites.append((name, node, transform, shape))
+        self.dim = sum(math.prod(shape) for *_, shape in self.sites)
+
+    def initial(self) -> torch.Tensor:
+        """``η`` at the family's current medians ``(D,)``."""
+        medians = self.guide.latent_guide.median(*self.args, **self.kwargs)
+        pieces = [transform.inv(medians[name]).reshape(-1) for name, _, transform, _ in self.sites]
+        return torch.cat(pieces).detach()
+
+    def values(self, eta: torch.Tensor):
+        """The sites' values for points ``η`` ``(n, D)``, laid out left of all of the
+        model's plates, and the log-Jacobian ``(n,)``."""
+        num, nesting = eta.shape[0], self.guide.nesting
+        values, log_jacobian, offset = {}, eta.new_zeros(num), 0
+        for name, node, transform, shape in self.sites:
+            size = math.prod(shape)
+            free = eta[:, offset : offset + size].reshape((num, *shape))
+            value = transform(free)
+            jacobian = transform.log_abs_det_jacobian(free, value)
+            log_jacobian = log_jacobian + jacobian.reshape(num, -1).sum(-1)
+            pad = (1,) * (nesting - len(node["fn"].batch_shape))
+            values[name] = value.reshape((num, *pad, *node["value"].shape))
+            offset += size
+        return values, log_jacobian
+
+    def __call__(self, eta: torch.Tensor) -> torch.Tensor:
+        """``ℓ(η)`` ``(n,)``."""
+        guide, num = self.guide, eta.shape[0]
+        values, log_jacobian = self.values(eta)
+        densities = {}
+
+        def mean_path(name, posterior):
+            path = guide.mean_path(name, posterior)
+            law = posterior.base_dist if guide.sites[name].ndims else posterior
+            densities[name] = law.log_density(path)
+            return path
+
+        with outside_inference(), pyro.plate(POINTS_PLATE, num, dim=-(guide.nesting + 1)):
+            with poutine.block():
+                values = guide.draw_paths(values, mean_path, self.args, self.kwargs)
+            conditioned = poutine.condition(guide.raw_model, data=values)
+            trace = poutine.trace(conditioned).get_trace(*self.args, **self.kwargs)
+        log_q = sum(d.reshape(num, -1).sum(-1) for d in densities.values())
+        return log_joint(trace, POINTS_PLATE) - log_q + log_jacobian
+
+
+def laplace_start(guide, args, kwargs, *, max_iterations: int = 100) -> bool:
+    """Set the latent family of ``guide`` to the Laplace approximation ``N(η̂, H⁻¹)`` of the
+    marginal posterior of its sites (see the module docstring): the location at ``η̂``, the
+    scale (a full ``H⁻¹`` for multivariate families, its marginal sds otherwise) from ``H``.
+    The paths' Laplace fits are refreshed at ``η̂``. Returns whether it was applied (the
+    mode and curvature must be finite and ``H`` positive definite)."""
+    density = MarginalDensity(guide, args, kwargs)
+    eta = density.initial().requires_grad_()
+    optimizer = torch.optim.LBFGS(
+        [eta],
+        lr=1.0,
+        max_iter=max_iterations,
+        line_search_fn="strong_wolfe",
+        tolerance_grad=1e-2,  # per unconstrained unit: the mode to well within its sd
+        tolerance_change=1e-3,  # nats
+    )
+
+    def closure():
+        optimizer.zero_grad()
+        loss = -density(eta.unsqueeze(0)).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    mode = eta.detach()
+    values, _ = density.values(mode.unsqueeze(0))
+    shapes = {name: node["value"].shape for name, node, *_ in density.sites}
+    guide.refresh_at({k: v.reshape(shapes[k]) for k, v in values.items()}, args, kwargs)
+    covariance = _inverse_hessian(density, mode)
+    if covariance is None or not torch.isfinite(mode).all():
+        return False
+    _set_family(guide.latent_guide, mode, covariance)
+    return True
+
+
+def _inverse_hessian(density, mode):
+    """``H⁻¹`` at the mode, from central differences of the gradient at ``η̂ ± ε e_j`` (one
+    vectorized evaluation); ``None`` unless finite and positive definite."""
+    dim = mode.numel()
+    steps = HESSIAN_STEP * torch.eye(dim, dtype=mode.dtype, device=mode.device)
+    points = torch.cat([mode + steps, mode - steps]).requires_grad_()
+    with torch.enable_grad():
+        (gradient,) = torch.autograd.grad(density(points).sum(), points)
+    hessian = (gradient[:dim] - gradient[dim:]) / (2 * HESSIAN_STEP)
+    precision = -0.5 * (hessian + hessian.mT).double()
+    factor, info = torch.linalg.cholesky_ex(precision)
+    if info.item() != 0 or not torch.isfinite(factor).all():
+        return None
+    return torch.cholesky_inverse(factor).to(mode.dtype)
+
+
+def _set_family(family, loc, covariance):
+    """Put a Pyro autoguide at ``N(loc, covariance)`` in its unconstrained coordinates (the
+    low-rank family at the top eigenvectors plus a diagonal, mean field at the marginals)."""
+    with torch.no_grad():
+        if isinstance(family, AutoMultivariateNormal):
+            tril = torch.linalg.cholesky(covariance)
+            family.loc.copy_(loc)
+            family.scale = tril.diagonal()
+            family.scale_tril = tril / tril.diagonal()[:, None]
+        elif isinstance(family, AutoLowRankMultivariateNormal):
+            rank = family.cov_factor.shape[-1]
+            values, vectors = torch.linalg.eigh(covariance)
+            factor = vectors[:, -rank:] * values[-rank:].clamp(min=0).sqrt()
+            rest = (covariance.diagonal() - factor.square().sum(-1)).clamp(min=1e-12)
+            family.loc.copy_(loc)
+            family.cov_factor.copy_(factor)
+            family.scale = rest.sqrt()
+        elif isinstance(family, AutoNormal):
+            sds, offset = covariance.diagonal().sqrt(), 0
+            for name, _ in family.prototype_trace.iter_stochastic_nodes():
+                shape = ParamSlot.of(family.locs, name).get().shape
+                size = math.prod(shape)
+                for container, value in ((family.locs, loc), (family.scales, sds)):
+                    piece = value[offset : offset + size].reshape(shape)
+                    ParamSlot.of(container, name).move(piece)
+                offset += size
+
+
+__all__ = ["HESSIAN_STEP", "MarginalDensity", "laplace_start"]
