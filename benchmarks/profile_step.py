@@ -37,9 +37,15 @@ except ImportError:  # before
 PHASES = {
     "guide (all)": [("guide.py", "forward")],
     "  prior at the site (model run)": [("guide.py", "prior")],
-    "  conditional's inputs (Kalman)": [("conditionals.py", "_kalman_base"), ("guide.py", "_kalman_base")],
+    "  conditional's inputs (Kalman)": [
+        ("conditionals.py", "_kalman_base"),
+        ("guide.py", "_kalman_base"),
+    ],
     "    Kalman smoother": [("kalman.py", "smooth")],
-    "    linearization + likelihood sites": [("laplace.py", "linearize"), ("laplace.py", "quadratic_sites")],
+    "    linearization + likelihood sites": [
+        ("laplace.py", "linearize"),
+        ("laplace.py", "quadratic_sites"),
+    ],
     "  path sampling": [("girsanov.py", "rsample")],
     "  Laplace refreshes": [("guide.py", "refresh")],
     "model trace": [("models.py", "__call__")],
