@@ -28,10 +28,10 @@ from pyro.infer import SVI, Trace_ELBO
 
 from pyro_nsde import GirsanovGuide, datasets
 
-try:  # the package layout since issue 21
-    from pyro_nsde.zoo.models import LotkaVolterra
-except ImportError:  # before
+try:  # the package layout before issue 21
     from pyro_nsde.models import LotkaVolterra
+except ImportError:
+    from pyro_nsde.zoo.models import LotkaVolterra
 
 #: Phases: a name and the ``(file suffix, function name)`` pairs whose cumulative time it is.
 PHASES = {

@@ -252,3 +252,61 @@ def observation_law(path, H, obs_steps, R):
     offset = torch.cat([H @ path.c[k * d : (k + 1) * d] for k in obs_steps])
     cov = rows @ path.cov_w @ rows.T + torch.block_diag(*[R] * len(obs_steps))
     return torch.distributions.MultivariateNormal(rows @ path.mu_w + offset, (cov + cov.T) / 2)
+
+
+def ou_series_log_likelihoods(y, obs_steps, h, num_steps, sigma, tau, log_theta, init_var=1.0):
+    """``log p(y_i | θ)`` of independent Ornstein–Uhlenbeck series ``dx = -θ x dt + σ dW`` on a
+    uniform Euler–Maruyama grid (``x_{k+1} = (1 - h θ) x_k + σ sqrt(h) ξ_k``, ``x_0 ~ N(0,
+    init_var)``), observed at ``obs_steps`` with noise ``τ``: a scalar Kalman filter for each
+    series (rows of ``y`` ``(N, n_obs)``) and each ``θ = exp(log_theta)`` ``(G,)``.
+
+    :returns: ``(N, G)`` float64.
+    """
+    y = torch.as_tensor(y, dtype=torch_f64)
+    theta = torch.as_tensor(log_theta, dtype=torch_f64).exp()
+    a = 1.0 - h * theta
+    mean = torch.zeros(y.shape[0], theta.shape[0], dtype=torch_f64)
+    var = torch.full_like(mean, init_var)
+    log_lik = torch.zeros_like(mean)
+    columns = {int(step): j for j, step in enumerate(obs_steps)}
+    for k in range(num_steps + 1):
+        if k in columns:
+            total = var + tau**2
+            residual = y[:, columns[k], None] - mean
+            log_lik = log_lik - 0.5 * (torch.log(2 * math.pi * total) + residual**2 / total)
+            gain = var / total
+            mean = mean + gain * residual
+            var = (1 - gain) * var
+        if k < num_steps:
+            mean = a * mean
+            var = a**2 * var + sigma**2 * h
+    return log_lik
+
+
+def hierarchical_posterior(log_lik, log_theta, m_grid, log_s_grid, log_prior):
+    """The posterior of the population ``(m, s)`` of ``log θ_i ~ N(m, s²)``, each series with
+    its likelihood ``log_lik[i]`` on the grid ``log_theta`` ``(G,)`` (uniform), by quadrature
+    over ``log θ_i`` and over the grid ``m_grid × log_s_grid``; ``log_prior(m, log_s)`` is the
+    prior density of ``(m, log s)``.
+
+    :returns: ``{"m": (mean, sd), "s": (mean, sd)}``.
+    """
+    log_theta = torch.as_tensor(log_theta, dtype=torch_f64)
+    step = float(log_theta[1] - log_theta[0])
+    m = torch.as_tensor(m_grid, dtype=torch_f64)
+    log_s = torch.as_tensor(log_s_grid, dtype=torch_f64)
+    log_post = torch.empty(len(m), len(log_s), dtype=torch_f64)
+    for j, ls in enumerate(log_s):
+        s = ls.exp()
+        population = -0.5 * ((log_theta - m[:, None]) / s) ** 2 - ls - 0.5 * math.log(2 * math.pi)
+        per_series = torch.logsumexp(log_lik[:, None, :] + population + math.log(step), dim=-1)
+        log_post[:, j] = per_series.sum(0) + log_prior(m, ls)
+    weights = (log_post - log_post.max()).exp()
+    weights = weights / weights.sum()
+    s = log_s.exp()
+    moments = {}
+    for name, values in (("m", m[:, None]), ("s", s[None, :])):
+        mean = float((weights * values).sum())
+        sd = float((weights * (values - mean) ** 2).sum().sqrt())
+        moments[name] = (mean, sd)
+    return moments

@@ -10,8 +10,9 @@ set up (:func:`choose_conditional`):
 - :class:`LaplaceStart`: the coefficients start at the Laplace fit and are moved with it at
   each refresh (what SVI learned on top is kept); they do not depend on ``θ``;
 - :class:`TaylorConditional`: coefficients and ``E[x_0]`` affine in the centred unconstrained
-  parameters ``η - η̂`` that share no plate with the path, slopes from central differences of
-  the fit (see :class:`~pyro_nsde.posterior.controls.PerStepCoefficients`);
+  parameters ``η - η̂`` (those that share no plate with the path, and each series' own, in the
+  path's plates: series ``i`` follows ``η_i``), slopes from central differences of the fit (see
+  :class:`~pyro_nsde.posterior.controls.PerStepCoefficients`);
 - :class:`KalmanConditional`: for every draw of ``θ``, the Kalman smoother of the model
   linearized about the fitted path gives the coefficients and ``q(x_0 | θ)``, differentiably;
   the control's parameters are learned corrections on top.
@@ -22,6 +23,7 @@ base of coefficients) and its saved ``state``.
 """
 
 import functools
+import math
 import warnings
 
 import torch
@@ -37,6 +39,7 @@ from ..posterior.laplace import (
     quadratic_sites,
 )
 from ..sde.sites import is_subsampled, outside_inference, path_log_likelihood
+from . import sweep
 
 #: Optimizer steps on coefficients that start at (and follow) a Laplace approximation are this
 #: many times as large in their units as on an unconstrained parameter: they start near their
@@ -61,11 +64,12 @@ class PriorStart:
 
     def __init__(self):
         self.param_sites = []
+        self.local_sites = frozenset()
 
     def fit(self, guide, site, values, plates, args, kwargs):
         return None
 
-    def inputs(self, guide, site, prior, values, args, kwargs):
+    def inputs(self, guide, site, prior, values, plates, args, kwargs):
         """``(params, base)``: centred parameters and per-draw coefficients (``None``)."""
         return None, None
 
@@ -103,9 +107,10 @@ class LaplaceStart(PriorStart):
         fit is not finite: a first fit then leaves the guide at the prior, a refresh keeps
         the previous one). Must run outside of any inference handler."""
         sites = self.param_sites if site.control.param_dim else []
-        batched, directions = _perturbed(guide, values, sites)
+        batched, directions = _perturbed(guide, values, sites, self.local_sites)
         prior = guide.prior(site.name, batched, plates, *args, **kwargs)
-        log_likelihood = path_log_likelihood(guide.raw_model, site.name, batched, args, kwargs)
+        data = {**batched, **sweep.indices(plates)}
+        log_likelihood = path_log_likelihood(guide.raw_model, site.name, data, args, kwargs)
         posterior, path = laplace(prior, log_likelihood, self.path)
         if not _finite_fit(posterior, path):
             self._warn_not_finite(site.name)
@@ -163,14 +168,18 @@ class LaplaceStart(PriorStart):
 
 class TaylorConditional(LaplaceStart):
     """Coefficients affine in the centred unconstrained values ``η - η̂`` of the latent sites
-    that share no plate with the path (``param_sites``): slopes from central differences of
-    the Laplace fit at refreshes, then learned."""
+    the path follows (``param_sites``, see :func:`followed_sites`): slopes from central
+    differences of the Laplace fit at refreshes, then learned. A site in the path's plates
+    (``local_sites``) has its coordinates per plate element: perturbing coordinate ``j`` of
+    every series at once gives each series' slope in its own ``η_{ij}``, as the series are
+    independent given their parameters."""
 
-    def __init__(self, param_sites):
+    def __init__(self, param_sites, local_sites=()):
         super().__init__()
         self.param_sites = list(param_sites)
+        self.local_sites = frozenset(local_sites)
 
-    def inputs(self, guide, site, prior, values, args, kwargs):
+    def inputs(self, guide, site, prior, values, plates, args, kwargs):
         return _centred(guide, self, values, len(prior.batch_shape)), None
 
 
@@ -188,88 +197,122 @@ class KalmanConditional(LaplaceStart):
     def fit(self, guide, site, values, plates, args, kwargs):
         """Fit the reference path (the mode of the path's posterior at ``values``) about which
         the smoother linearizes the model at each draw; ``None`` if it is not finite (at the
-        first fit, also if the smoother there is not)."""
+        first fit, also if the smoother there is not). With subsampled plates the reference is
+        kept for every series (:mod:`~pyro_nsde.guide.sweep`) and this fits the plates'
+        current subsample."""
         prior = guide.prior(site.name, values, plates, *args, **kwargs)
-        log_likelihood = path_log_likelihood(guide.raw_model, site.name, values, args, kwargs)
-        if self.path is None:
+        data = {**values, **sweep.indices(plates)}
+        log_likelihood = path_log_likelihood(guide.raw_model, site.name, data, args, kwargs)
+        reference = None if self.path is None else site.take(self.path, plates)
+        if reference is None or not bool(torch.isfinite(reference).all()):
             posterior, path = laplace(prior, log_likelihood, tolerance=self.tolerance)
             finite = _finite_fit(posterior, path)
         else:
             path = posterior_mode(
-                prior, log_likelihood, self.path, tolerance=self.tolerance, max_iterations=1
+                prior, log_likelihood, reference, tolerance=self.tolerance, max_iterations=1
             )
             finite = bool(torch.isfinite(path).all())
         if not finite:
             self._warn_not_finite(site.name)
             return None
-        self.path = path
+        self.path = site.put(self.path, path, plates)
         return path
 
-    def inputs(self, guide, site, prior, values, args, kwargs):
-        return None, _kalman_base(guide, site, prior, values, self.path, args, kwargs)
+    def inputs(self, guide, site, prior, values, plates, args, kwargs):
+        reference = site.take(self.path, plates)
+        return None, _kalman_base(guide, site, prior, values, reference, plates, args, kwargs)
 
 
-def choose_conditional(spec, options, *, subsampled, encoded, global_sites):
+def choose_conditional(spec, options, *, subsampled, encoded, followed):
     """The strategy of a path site with control ``spec``: a Laplace start for affine and
-    linear controls without an encoder or subsampled plates (unless ``init_path="prior"``),
-    following the parameters as ``options.conditional`` says (``"auto"``: Kalman for
-    ``"affine"``, Taylor for ``"linear"``; Taylor without parameters to follow is a plain
-    Laplace start)."""
-    if not (
-        spec in ("affine", "linear")
-        and options.init_path == "laplace"
-        and not encoded
-        and not subsampled
-    ):
+    linear controls without an encoder (unless ``init_path="prior"``), following the
+    parameters as ``options.conditional`` says (``"auto"``: Kalman for ``"affine"``, Taylor
+    for ``"linear"``; Taylor without parameters to follow is a plain Laplace start). With
+    subsampled plates only the Kalman conditional fits (its reference paths are kept for
+    every series; the others move per-series coefficients, which SVI then learns from the
+    prior)."""
+    if not (spec in ("affine", "linear") and options.init_path == "laplace" and not encoded):
         return PriorStart()
     conditional = options.conditional
     if conditional == "auto":
         conditional = "kalman" if spec == "affine" else "taylor"
     if conditional == "kalman":
         return KalmanConditional()
-    if conditional == "taylor" and global_sites:
-        return TaylorConditional(global_sites)
+    if subsampled:
+        return PriorStart()
+    sites, local = followed
+    if conditional == "taylor" and sites:
+        return TaylorConditional(sites, local)
     return LaplaceStart()
 
 
-def global_sites(trace, name, others):
-    """The latent sites among ``others`` that share no plate with path site ``name`` and are
-    not subsampled: the parameters its coefficients may follow."""
-    frames = {f.name for f in trace.nodes[name]["cond_indep_stack"]}
-    chosen = []
+def followed_sites(trace, name, others):
+    """``(sites, local)``: the latent sites among ``others`` that path site ``name``'s
+    coefficients may follow: those that share no plate with it, and those whose batch dims are
+    all plates of the path (``local``: a series' own parameters); none of them subsampled.
+    Raises for a site in the path's plates with other batch dims (a Taylor expansion per
+    series would not know which of its values a series' path depends on)."""
+    stack = trace.nodes[name]["cond_indep_stack"]
+    frames = {f.name for f in stack}
+    chosen, local = [], []
     for site_name in others:
-        stack = trace.nodes[site_name]["cond_indep_stack"]
-        if any(f.name in frames or is_subsampled(f) for f in stack):
+        node = trace.nodes[site_name]
+        own = node["cond_indep_stack"]
+        if any(is_subsampled(f) for f in own):
             continue
+        shared = [f for f in own if f.name in frames]
+        if shared:
+            sizes = [f.size for f in own if f.vectorized]
+            if math.prod(node["fn"].batch_shape) != math.prod(sizes) or len(shared) < len(own):
+                raise ValueError(
+                    f"conditional='taylor' cannot follow site {site_name!r}: it is in the plates "
+                    f"of path site {name!r} but has batch shape {tuple(node['fn'].batch_shape)} "
+                    f"beyond them; use conditional='kalman' (it follows any site)"
+                )
+            local.append(site_name)
         chosen.append(site_name)
-    return chosen
+    return chosen, local
 
 
-def _perturbed(guide, values, sites):
+def site_coordinates(trace, site_name, local) -> int:
+    """The unconstrained coordinates of a followed site: all of them, or per plate element for
+    a site in ``local``."""
+    node = trace.nodes[site_name]
+    transform = biject_to(node["fn"].support)
+    size = transform.inv(node["value"]).numel()
+    if site_name in local:
+        size //= math.prod(node["fn"].batch_shape)
+    return size
+
+
+def _perturbed(guide, values, sites, local=()):
     """``values`` with the parameter ``sites`` stacked along a new dim left of all plates
     (dim ``-(nesting + 1)``): ``η̂``, ``η̂ + ε e_j`` and ``η̂ - ε e_j`` for every
-    unconstrained coordinate ``j`` (``ε`` = :data:`SENSITIVITY_STEP`). Returns
-    ``(values, 2ε)`` (``(values, None)`` without sites). The model must broadcast them, as
+    unconstrained coordinate ``j`` (``ε`` = :data:`SENSITIVITY_STEP`; a coordinate of a site
+    in ``local`` is moved in every plate element at once). Returns ``(values, 2ε)``
+    (``(values, None)`` without sites). The model must broadcast them, as
     ``Predictive(parallel=True)`` needs too."""
     if not sites:
         return values, None
-    flats, pieces = [], []
-    for site_name in sites:
-        node = guide.prototype_trace.nodes[site_name]
-        transform = biject_to(node["fn"].support)
-        flat = transform.inv(values[site_name]).reshape(-1)
-        flats.append(flat)
-        pieces.append((site_name, transform, node, flat.numel()))
-    eta = torch.cat(flats)
-    n = eta.numel()
-    step = SENSITIVITY_STEP * torch.eye(n, dtype=eta.dtype, device=eta.device)
-    batch = torch.cat([eta.unsqueeze(0), eta + step, eta - step])  # (2n + 1, n)
+    trace = guide.prototype_trace
+    sizes = [site_coordinates(trace, site_name, local) for site_name in sites]
+    n = sum(sizes)
+    eye = SENSITIVITY_STEP * torch.eye(n, dtype=values[sites[0]].dtype)
+    steps = torch.cat([torch.zeros(1, n, dtype=eye.dtype), eye, -eye])  # (2n + 1, n)
     batched, offset = dict(values), 0
-    for site_name, transform, node, size in pieces:
-        shape = node["value"].shape
+    for site_name, size in zip(sites, sizes, strict=True):
+        node = trace.nodes[site_name]
+        transform = biject_to(node["fn"].support)
+        eta = transform.inv(values[site_name])
+        step = steps[:, offset : offset + size].to(eta.device)
+        if site_name in local:  # the same step in every plate element
+            batch_ndim = len(node["fn"].batch_shape)
+            step = step.reshape((2 * n + 1,) + (1,) * batch_ndim + eta.shape[batch_ndim:])
+            moved = eta + step
+        else:
+            moved = eta.reshape(-1) + step
         pad = (1,) * (guide.nesting - len(node["fn"].batch_shape))
-        chunk = batch[:, offset : offset + size].reshape((2 * n + 1, *pad, *shape))
-        batched[site_name] = transform(chunk)
+        batched[site_name] = transform(moved.reshape((2 * n + 1, *pad, *node["value"].shape)))
         offset += size
     return batched, 2 * SENSITIVITY_STEP
 
@@ -286,8 +329,10 @@ def _centred(guide, conditional, values, batch_ndim):
         transform = biject_to(node["fn"].support)
         centred = transform.inv(values[site_name]) - transform.inv(centre[site_name]).detach()
         prefix = centred.shape[: centred.dim() - node["value"].dim()]
-        pad = (1,) * len(node["fn"].batch_shape)  # the slots of the site's own plates
-        pieces.append(centred.reshape(prefix + pad + (-1,)))
+        batch = node["fn"].batch_shape
+        if site_name not in conditional.local_sites:
+            batch = (1,) * len(batch)  # the slots of the site's own plates
+        pieces.append(centred.reshape(prefix + tuple(batch) + (-1,)))
     shape = torch.broadcast_shapes(*(p.shape[:-1] for p in pieces))
     params = torch.cat([p.expand(shape + p.shape[-1:]) for p in pieces], dim=-1)
     while params.dim() > batch_ndim + 1 and params.shape[0] == 1:
@@ -295,7 +340,7 @@ def _centred(guide, conditional, values, batch_ndim):
     return params
 
 
-def _kalman_base(guide, site, prior, values, reference, args, kwargs) -> dict:
+def _kalman_base(guide, site, prior, values, reference, plates, args, kwargs) -> dict:
     """The smoother's coefficients and ``q(x_0)`` for ``site`` at the drawn ``values``: the
     Kalman smoother of the model linearized about the ``reference`` path.
 
@@ -312,7 +357,8 @@ def _kalman_base(guide, site, prior, values, reference, args, kwargs) -> dict:
         pad = (1,) * (guide.nesting - len(proto))
         model_reference = reference.expand((num, *pad, *reference.shape))
     model_reference = model_reference.contiguous()
-    log_likelihood = path_log_likelihood(guide.raw_model, site.name, model_values, args, kwargs)
+    data = {**model_values, **sweep.indices(plates)}
+    log_likelihood = path_log_likelihood(guide.raw_model, site.name, data, args, kwargs)
     with outside_inference():
         chain = linearize(prior, path_reference, differentiable=True)
         sites = quadratic_sites(log_likelihood, model_reference, differentiable=True)
@@ -371,8 +417,11 @@ def _finite_fit(posterior, path) -> bool:
 def _split_fits(value, *, size, batch_ndim, proto_batch):
     """A tensor of ``size`` stacked fits, ``(*batch, *event)`` with the fits along the dims of
     ``batch`` left of the path's own batch dims ``proto_batch``, as ``(size, *proto_batch,
-    *event)``."""
-    return value.reshape((size, *proto_batch, *value.shape[batch_ndim:]))
+    *event)`` (expanded from one fit where the path does not depend on the perturbed
+    sites)."""
+    event = value.shape[batch_ndim:]
+    points = value.shape[:batch_ndim].numel() // max(1, proto_batch.numel())
+    return value.reshape((points, *proto_batch, *event)).expand((size, *proto_batch, *event))
 
 
 def _sensitivities(fits, control, step):
@@ -399,5 +448,6 @@ __all__ = [
     "PriorStart",
     "TaylorConditional",
     "choose_conditional",
-    "global_sites",
+    "followed_sites",
+    "site_coordinates",
 ]

@@ -131,16 +131,17 @@ def laplace_start(guide, args, kwargs, *, max_iterations: int = 100) -> bool:
     values, _ = density.values(mode.unsqueeze(0))
     shapes = {name: node["value"].shape for name, node, *_ in density.sites}
     guide.refresh_at({k: v.reshape(shapes[k]) for k, v in values.items()}, args, kwargs)
-    covariance = _inverse_hessian(density, mode)
+    covariance = inverse_hessian(density, mode)
     if covariance is None or not torch.isfinite(mode).all():
         return False
-    _set_family(guide.latent_guide, mode, covariance)
+    set_family(guide.latent_guide, mode, covariance)
     return True
 
 
-def _inverse_hessian(density, mode):
-    """``H⁻¹`` at the mode, from central differences of the gradient at ``η̂ ± ε e_j`` (one
-    vectorized evaluation); ``None`` unless finite and positive definite."""
+def inverse_hessian(density, mode):
+    """``H⁻¹`` of ``-density`` at its mode ``(D,)``, from central differences of the gradient
+    at ``η̂ ± ε e_j`` (``density`` maps points ``(n, D)`` to ``(n,)``: one vectorized
+    evaluation); ``None`` unless finite and positive definite."""
     dim = mode.numel()
     steps = HESSIAN_STEP * torch.eye(dim, dtype=mode.dtype, device=mode.device)
     points = torch.cat([mode + steps, mode - steps]).requires_grad_()
@@ -154,9 +155,12 @@ def _inverse_hessian(density, mode):
     return torch.cholesky_inverse(factor).to(mode.dtype)
 
 
-def _set_family(family, loc, covariance):
+def set_family(family, loc, covariance):
     """Put a Pyro autoguide at ``N(loc, covariance)`` in its unconstrained coordinates (the
-    low-rank family at the top eigenvectors plus a diagonal, mean field at the marginals)."""
+    low-rank family at the top eigenvectors plus a diagonal, mean field at the marginals), and
+    record the smallest sd as its ``start_scale`` (:func:`~pyro_nsde.fit_svi` steps its
+    locations in units of it)."""
+    family.start_scale = float(covariance.diagonal().sqrt().min())
     with torch.no_grad():
         if isinstance(family, AutoMultivariateNormal):
             tril = torch.linalg.cholesky(covariance)
@@ -182,4 +186,4 @@ def _set_family(family, loc, covariance):
                 offset += size
 
 
-__all__ = ["HESSIAN_STEP", "MarginalDensity", "laplace_start"]
+__all__ = ["HESSIAN_STEP", "MarginalDensity", "inverse_hessian", "laplace_start", "set_family"]

@@ -8,6 +8,8 @@ with its control (:mod:`~pyro_nsde.guide.control_factory`), law of ``x_0``
 (:mod:`~pyro_nsde.guide.conditionals`). ``docs/architecture.md`` shows how they fit together.
 """
 
+from contextlib import contextmanager
+
 import pyro
 import torch
 from pyro import poutine
@@ -25,10 +27,13 @@ from ..sde.sites import (
     run_to_site,
     unwrap_path_distribution,
 )
-from .conditionals import PriorStart, choose_conditional, global_sites
+from . import sweep
+from .conditionals import PriorStart, choose_conditional, followed_sites
 from .global_laplace import laplace_start
+from .hierarchical import local_sites
 from .latents import latent_guide, latent_values
 from .options import GuideOptions, resolve
+from .population_start import population_start
 from .site import PathSite, enter_plates
 
 
@@ -154,6 +159,7 @@ class GirsanovGuide(AutoGuide):
         self._raw_model = (model,)
         super().__init__(InitMessenger(init_loc_fn)(model), create_plates=create_plates)
         self.options = options
+        self._fixed_indices = None
         self.encoder = encoder
         self.init_loc_fn = init_loc_fn
         # A control given as a module is the guide's from the start (its parameters are in
@@ -186,7 +192,10 @@ class GirsanovGuide(AutoGuide):
         )
         self.latent_guide = None
         if others:
-            self.latent_guide = latent_guide(self.raw_model, paths, self.options, self.init_loc_fn)
+            local = local_sites(self.prototype_trace, paths, others)
+            self.latent_guide = latent_guide(
+                self.raw_model, paths, local, self.options, self.init_loc_fn
+            )
         context = self._probe_encoder(args, kwargs, paths)
         self.controls = PyroModule()
         self.x0_locs = PyroModule()
@@ -200,7 +209,7 @@ class GirsanovGuide(AutoGuide):
                 self.options,
                 subsampled=subsampled,
                 encoded=encoded,
-                global_sites=global_sites(self.prototype_trace, name, others),
+                followed=followed_sites(self.prototype_trace, name, others),
             )
             self.sites[name] = PathSite(self, name, ndims, context, conditional)
         self._calls = 0
@@ -210,15 +219,21 @@ class GirsanovGuide(AutoGuide):
             # plate nesting with the observed sites' plates included.
             trace = poutine.block(poutine.trace(self.raw_model).get_trace)(*args, **kwargs)
             self.nesting = plate_nesting(trace)
-            values = {
-                name: site["value"].detach()
-                for name, site in self.prototype_trace.iter_stochastic_nodes()
-            }
             with torch.no_grad(), outside_inference():
-                self._fit_paths(values, self._create_plates(*args, **kwargs), args, kwargs)
+                if subsampled:
+                    self.refresh_all(*args, **kwargs)
+                else:
+                    values = {
+                        name: site["value"].detach()
+                        for name, site in self.prototype_trace.iter_stochastic_nodes()
+                    }
+                    self._fit_paths(values, self._create_plates(*args, **kwargs), args, kwargs)
         if self.options.init_latents == "laplace" and self.latent_guide is not None:
             latent_values(self.latent_guide, args, kwargs, median=True)  # sets the family up
-            laplace_start(self, args, kwargs)
+            if self.options.latents == "hierarchical":
+                population_start(self, args, kwargs)
+            else:
+                laplace_start(self, args, kwargs)
 
     def _classify_sites(self):
         """``({path site: to_event dims}, [other latent sites])``, in model order."""
@@ -295,17 +310,53 @@ class GirsanovGuide(AutoGuide):
         if not self._fits_paths():
             return
         with outside_inference():  # nothing here belongs to the training step's trace
-            medians = latent_values(self.latent_guide, args, kwargs, median=True)
-            self.refresh_at({name: value.detach() for name, value in medians.items()}, args, kwargs)
+            self._refresh(args, kwargs)
+
+    @torch.no_grad()
+    def refresh_all(self, *args, **kwargs):
+        """:meth:`refresh` for every series: with subsampled plates, a subsample at a time
+        (:mod:`~pyro_nsde.guide.sweep`); otherwise the same as :meth:`refresh`."""
+        if not self._fits_paths():
+            return
+        with outside_inference():
+            for data in sweep.chunks(self._prototype_frames):
+                with self.fixed_subsample(data):
+                    self._refresh(args, kwargs)
+
+    @contextmanager
+    def fixed_subsample(self, indices: dict):
+        """Within this context the guide's subsampled plates take the given indices
+        (``{plate name: indices}``) instead of drawing them."""
+        saved, self._fixed_indices = self._fixed_indices, indices
+        try:
+            yield
+        finally:
+            self._fixed_indices = saved
+
+    def _create_plates(self, *args, **kwargs):
+        if not self._fixed_indices:
+            return super()._create_plates(*args, **kwargs)
+        with poutine.condition(data=self._fixed_indices):
+            return super()._create_plates(*args, **kwargs)
+
+    def _refresh(self, args, kwargs):
+        """:meth:`refresh` on the plates' subsample of this call."""
+        plates = self._create_plates(*args, **kwargs)  # the latent family's too
+        medians = latent_values(self.latent_guide, args, kwargs, median=True)
+        values = sweep.take_values(medians, self.prototype_trace, plates)
+        self._fit_paths({k: v.detach() for k, v in values.items()}, plates, args, kwargs)
 
     @torch.no_grad()
     def refresh_at(self, values: dict, args, kwargs):
         """Re-fit the Laplace approximation of each path (as :meth:`refresh`) at the given
-        values of the other latent sites."""
+        values of the other latent sites (values at full plate sizes are taken at the plates'
+        subsample)."""
         if not self._fits_paths():
             return
         with outside_inference():
-            self._fit_paths(dict(values), self._create_plates(*args, **kwargs), args, kwargs)
+            plates = self._create_plates(*args, **kwargs)
+            values = sweep.take_values(values, self.prototype_trace, plates)
+            self._fit_paths(values, plates, args, kwargs)
 
     def _fits_paths(self) -> bool:
         """Whether any path site's conditional strategy fits a Laplace approximation."""
@@ -332,9 +383,7 @@ class GirsanovGuide(AutoGuide):
         Runs the model (blocked, conditioned on ``values`` and on the plates' subsamples) up to
         the site and returns its :class:`~pyro_nsde.EulerMaruyama`.
         """
-        data = dict(values)
-        for plate_name, plate in plates.items():
-            data[plate_name] = plate.indices
+        data = {**values, **sweep.indices(plates)}
         try:
             site = run_to_site(self.raw_model, name, data, args, kwargs)
         except Exception as error:
@@ -376,7 +425,7 @@ class GirsanovGuide(AutoGuide):
             prior = self.prior(name, values, plates, *args, **kwargs)
             if not encoded:  # after the model's plates are checked against the guide's
                 context, encoded = self._encode(plates, args, kwargs), True
-            params, base = site.conditional.inputs(self, site, prior, values, args, kwargs)
+            params, base = site.conditional.inputs(self, site, prior, values, plates, args, kwargs)
             with site.plates(plates):
                 posterior = site.posterior(prior, context, plates, self.options, params, base)
                 values[name] = draw(name, posterior)

@@ -18,7 +18,9 @@ from torch.distributions import Distribution
 from ..posterior.controls import PerStepCoefficients, context_has_steps
 from ..posterior.gauss_markov import GaussMarkovEulerMaruyama, LinearCoefficients
 from ..sde.checks import broadcasts_to
-from ..sde.sites import full_size, is_subsampled, unwrap_path_distribution
+from ..sde.sites import full_size, unwrap_path_distribution
+from . import sweep
+from .conditionals import site_coordinates
 from .control_factory import ControlSettings, make_control
 from .initial import EncodedInitialState, KnownInitialState, LearnedInitialState
 from .slots import ParamSlot
@@ -53,7 +55,8 @@ class PathSite:
             context_dim = context.shape[-1]
             self._check_context(context, prior)
         param_dim = sum(
-            guide.prototype_trace.nodes[s]["value"].numel() for s in conditional.param_sites
+            site_coordinates(guide.prototype_trace, s, conditional.local_sites)
+            for s in conditional.param_sites
         )
         settings = ControlSettings(
             site=name,
@@ -123,13 +126,19 @@ class PathSite:
     def select_context(self, context, plates):
         """The encoder's context for the plates' current subsample of series."""
         event_dims = 2 if self.context_per_step else 1
-        for frame in self.node["cond_indep_stack"]:
-            plate = plates[frame.name]
-            dim = frame.dim - event_dims
-            full = full_size(frame)
-            if is_subsampled(frame) and context.dim() >= -dim and context.shape[dim] == full:
-                context = context.index_select(dim, plate.indices.to(context.device))
-        return context
+        return sweep.take(context, self.node["cond_indep_stack"], plates, event_dims)
+
+    def take(self, path, plates):
+        """The rows of the plates' current subsample of a path-shaped tensor kept for every
+        series (``None`` stays ``None``)."""
+        if path is None:
+            return None
+        return sweep.take(path, self.node["cond_indep_stack"], plates, event_dims=2)
+
+    def put(self, full, path, plates):
+        """``full`` with the rows of the plates' current subsample set to ``path`` (see
+        :func:`~pyro_nsde.guide.sweep.put`)."""
+        return sweep.put(full, path, self.node["cond_indep_stack"], plates, event_dims=2)
 
     def posterior(self, prior, context, plates, options, params=None, base=None):
         """The posterior path law given the prior at the site, the encoder's context, the

@@ -44,7 +44,7 @@ import torch
 
 from ..sde.noise import matvec
 from .scan import affine_scan, associative_scan
-from .small import cholesky_or_nan, inverse, solve, solve_triangular
+from .small import cholesky_or_nan, inverse, mm, solve, solve_triangular
 
 
 def _symmetric(matrix: torch.Tensor) -> torch.Tensor:
@@ -140,9 +140,9 @@ class GaussMarkovPosterior:
         chain = self.chain
         h = chain.h.unsqueeze(-1)
         G = chain.diffusion
-        A = chain.transition + h.unsqueeze(-1) * (G @ self.control_gain)
+        A = chain.transition + h.unsqueeze(-1) * mm(G, self.control_gain)
         b = chain.offset + h * matvec(G, self.control_loc)
-        L = h.sqrt().unsqueeze(-1) * (G @ cholesky_or_nan(self.step_cov))
+        L = h.sqrt().unsqueeze(-1) * mm(G, cholesky_or_nan(self.step_cov))
         return A, b, L
 
     def marginals(self):
@@ -203,14 +203,14 @@ def _backward_messages(chain, J, j):
     """``(J_{k:K}, η_{k:K})`` for ``k = 0, ..., K-1``: ``p(y_{k+1:K} | x_k)`` in information
     form, by a suffix scan of the steps' elements."""
     F, c, G, h = chain.transition, chain.offset, chain.diffusion, chain.h
-    Q = h[..., None, None] * (G @ G.mT)
+    Q = h[..., None, None] * mm(G, G.mT)
     J1, j1 = J[1:], j[1:]
     eye = torch.eye(F.shape[-1], dtype=F.dtype, device=F.device)
     system = eye + Q @ J1  # I + Q J, invertible: Q and J are positive semi-definite
     A = solve(system, F)
     b = solve(system, (c + matvec(Q, j1)).unsqueeze(-1)).squeeze(-1)
     C = _symmetric(solve(system, Q))
-    info = _symmetric(F.mT @ J1 @ A)
+    info = _symmetric(mm(mm(F.mT, J1), A))
     eta = matvec(F.mT, solve(system.mT, (j1 - matvec(J1, c)).unsqueeze(-1))[..., 0])
     *_, eta, info = associative_scan(_combine, (A, b, C, eta, info), reverse=True)
     return _symmetric(info), eta
@@ -225,13 +225,13 @@ def _combine(first, second):
     A1, b1, C1, eta1, J1 = first
     A2, b2, C2, eta2, J2 = second
     eye = torch.eye(A1.shape[-1], dtype=A1.dtype, device=A1.device)
-    M = inverse(eye + C1 @ J2)
-    A2M, MA1 = A2 @ M, M @ A1  # and A_1ᵀ Mᵀ = (M A_1)ᵀ
-    A = A2M @ A1
+    M = inverse(eye + mm(C1, J2))
+    A2M, MA1 = mm(A2, M), mm(M, A1)  # and A_1ᵀ Mᵀ = (M A_1)ᵀ
+    A = mm(A2M, A1)
     b = matvec(A2M, b1 + matvec(C1, eta2)) + b2
-    C = A2M @ C1 @ A2.mT + C2
+    C = mm(mm(A2M, C1), A2.mT) + C2
     eta = matvec(MA1.mT, eta2 - matvec(J2, b1)) + eta1
-    J = MA1.mT @ J2 @ A1 + J1
+    J = mm(mm(MA1.mT, J2), A1) + J1
     return A, b, C, eta, J
 
 
@@ -242,22 +242,22 @@ def _forward_form(chain, Lam, lam) -> GaussMarkovPosterior:
     root_h = h.sqrt()[..., None, None]
     Gt = root_h * G.mT  # sqrt(h) Gᵀ, (K, *batch, m, d)
     Lam_next, lam_next = Lam[1:], lam[1:]
-    GtL = Gt @ Lam_next
+    GtL = mm(Gt, Lam_next)
     eye_m = torch.eye(G.shape[-1], dtype=G.dtype, device=G.device)
     # Positive definite in exact arithmetic; where rounding (or a non-finite model at an
     # extreme parameter draw) breaks that, the draw's coefficients become NaN instead of
     # stopping the whole batch: importance weighting then gives it weight zero.
-    R = cholesky_or_nan(eye_m + GtL @ Gt.mT)
+    R = cholesky_or_nan(eye_m + mm(GtL, Gt.mT))
     V = solve_triangular(R, GtL, upper=False)
     residual = lam_next - matvec(Lam_next, c)  # λ - Λ c
     w = solve_triangular(R, matvec(Gt, residual).unsqueeze(-1), upper=False)
     Rt = R.mT
     control_loc = solve_triangular(Rt, w, upper=True).squeeze(-1) / root_h[..., 0]
-    control_gain = -solve_triangular(Rt, V @ F, upper=True) / root_h
-    step_cov = _symmetric(inverse(R @ Rt))
+    control_gain = -solve_triangular(Rt, mm(V, F), upper=True) / root_h
+    step_cov = _symmetric(inverse(mm(R, Rt)))
     eye_d = torch.eye(F.shape[-1], dtype=F.dtype, device=F.device)
     S0 = chain.init_cov
-    system = eye_d + S0 @ Lam[0]
+    system = eye_d + mm(S0, Lam[0])
     init_cov = _symmetric(solve(system, S0))
     init_loc = solve(system, (chain.init_loc + matvec(S0, lam[0])).unsqueeze(-1))
     return GaussMarkovPosterior(

@@ -22,6 +22,7 @@ differentiation through it has the same depth. Two scans use it here:
 import torch
 
 from ..sde.noise import matvec
+from .small import mm
 
 
 def associative_scan(combine, elements: tuple, reverse: bool = False) -> tuple:
@@ -99,7 +100,7 @@ def _affine(A, b, x0, diagonal):
     A_even, A_odd = A[0 : 2 * half : 2], A[1 : 2 * half : 2]
     b_even, b_odd = b[0 : 2 * half : 2], b[1 : 2 * half : 2]
     # x_{2i+2} = A_{2i+1} (A_{2i} x_{2i} + b_{2i}) + b_{2i+1}
-    A_pair = A_odd * A_even if diagonal else A_odd @ A_even
+    A_pair = A_odd * A_even if diagonal else mm(A_odd, A_even)
     b_pair = _apply(A_odd, b_even, diagonal) + b_odd
     evens = _affine(A_pair, b_pair, x0, diagonal)  # x_2, x_4, ..., x_{2 half}
     starts = torch.cat([x0.expand(evens.shape[1:]).unsqueeze(0), evens[:-1]])

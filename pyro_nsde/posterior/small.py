@@ -24,6 +24,14 @@ def _matrix(a, b, c, d):
     return torch.stack([a, b, c, d], dim=-1).unflatten(-1, (2, 2))
 
 
+def mm(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """``left @ right`` for batches of small matrices; an inner dimension of 1 (the products
+    of ``1 × 1`` matrices, outer products) elementwise."""
+    if left.shape[-1] == 1:
+        return left * right
+    return left @ right
+
+
 def inverse(matrix: torch.Tensor) -> torch.Tensor:
     """The inverse of each matrix of a batch ``(..., d, d)``."""
     size = matrix.shape[-1]
@@ -38,14 +46,14 @@ def inverse(matrix: torch.Tensor) -> torch.Tensor:
 def solve(matrix: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     """``matrix⁻¹ rhs`` for a batch of small matrices and right-hand sides ``(..., d, n)``."""
     if matrix.shape[-1] <= 2:
-        return inverse(matrix) @ rhs
+        return mm(inverse(matrix), rhs)
     return torch.linalg.solve(matrix, rhs)
 
 
 def solve_triangular(matrix: torch.Tensor, rhs: torch.Tensor, upper: bool) -> torch.Tensor:
     """``matrix⁻¹ rhs`` for triangular matrices (``upper`` or lower)."""
     if matrix.shape[-1] <= 2:
-        return inverse(matrix) @ rhs
+        return mm(inverse(matrix), rhs)
     return torch.linalg.solve_triangular(matrix, rhs, upper=upper)
 
 
@@ -88,4 +96,4 @@ def eigenvalue_range(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return values[..., 0], values[..., -1]
 
 
-__all__ = ["cholesky_or_nan", "eigenvalue_range", "inverse", "solve", "solve_triangular"]
+__all__ = ["cholesky_or_nan", "eigenvalue_range", "inverse", "mm", "solve", "solve_triangular"]

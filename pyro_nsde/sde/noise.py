@@ -93,6 +93,8 @@ def matvec(matrix: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
     into ``K B`` outer products summed over ``B`` (11× slower at ``K = 1000``, ``B = 512``,
     ``d = 8``). Otherwise ``matmul``, the cheaper call on small per-step batches. (The test
     compares the numbers of matrices and vectors: both branches give the same values.)"""
+    if matrix.shape[-1] == 1:  # one column: elementwise
+        return matrix[..., 0] * vector
     if math.prod(vector.shape[:-1]) > math.prod(matrix.shape[:-2]):
         return torch.einsum("...ij,...j->...i", matrix, vector)
     return (matrix @ vector.unsqueeze(-1)).squeeze(-1)

@@ -8,7 +8,7 @@ live here, each written once:
 - :func:`plate_nesting`: how many batch dims the sample sites of traces use (and
   :func:`guided_plate_nesting`: of a model replayed on its guide);
 - :func:`is_subsampled`, :func:`full_size`: a plate frame's subsampling;
-- :func:`run_to_site`: run a model, conditioned and blocked, up to one site;
+- :func:`run_to_sites`: run a model, conditioned and blocked, up to some sites;
 - :func:`path_log_likelihood`: ``x ↦ log p(everything else | x)`` for a path site;
 - :func:`log_joint`: the log joint of each draw of a trace vectorized over draws;
 - :func:`outside_inference`: side computations as if no Pyro handler were active.
@@ -67,47 +67,90 @@ def plate_nesting(*traces) -> int:
     return nesting
 
 
-def guided_plate_nesting(model, guide, args, kwargs) -> int:
-    """The plate nesting of ``model`` replayed on a draw of ``guide`` (both traces; one run
-    each, blocked and without gradients)."""
+def guided_traces(model, guide, args, kwargs):
+    """``(guide trace, model trace replayed on it)`` of one draw, blocked and without
+    gradients."""
     with torch.no_grad(), poutine.block():
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
         model_trace = poutine.trace(poutine.replay(model, guide_trace)).get_trace(*args, **kwargs)
-    return plate_nesting(guide_trace, model_trace)
+    return guide_trace, model_trace
 
 
-def run_to_site(model, name: str, data: dict, args, kwargs) -> dict:
-    """The site ``name`` of ``model(*args, **kwargs)`` from a blocked run conditioned on
-    ``data``, stopped at that site (nothing after it runs). Runs without validation: it
-    repeats what the model's own (validated) runs in inference check.
+def guided_plate_nesting(model, guide, args, kwargs) -> int:
+    """The plate nesting of ``model`` replayed on a draw of ``guide`` (both traces)."""
+    return plate_nesting(*guided_traces(model, guide, args, kwargs))
 
-    :raises RuntimeError: if the model does not reach the site.
+
+def latent_size(trace) -> int:
+    """The number of latent coordinates in a trace (sample sites that are neither observed nor
+    auxiliary; subsample sites left out)."""
+    return sum(
+        site["value"].numel()
+        for site in prune_subsample_sites(trace).nodes.values()
+        if site["type"] == "sample"
+        and not site["is_observed"]
+        and not site["infer"].get("is_auxiliary")
+    )
+
+
+def run_to_sites(model, names, data: dict, args, kwargs) -> dict:
+    """The sites ``names`` of ``model(*args, **kwargs)`` from a blocked run conditioned on
+    ``data``, stopped at the last of them (nothing after it runs): ``{name: site}``. Runs
+    without validation: it repeats what the model's own (validated) runs in inference check.
+
+    :raises RuntimeError: if the model does not reach them all.
     """
+    names = set(names)
+    found = {}
+
+    def reached(msg):
+        if msg["name"] in names:
+            found[msg["name"]] = msg
+        return found.keys() == names
+
     model = poutine.condition(model, data=data)
-    model = poutine.escape(model, escape_fn=lambda msg: msg["name"] == name)
+    model = poutine.escape(model, escape_fn=reached)
     try:
         with pyro.validation_enabled(False):
             poutine.block(model)(*args, **kwargs)
-    except NonlocalExit as site_container:
+    except NonlocalExit:
         # The handlers inside have popped themselves; do not reset_stack(), which would
         # also reset the caller's handlers (e.g. clear the trace recording a guide).
-        return site_container.site
-    raise RuntimeError(f"the model did not reach path site {name!r} on this call")
+        return found
+    missing = sorted(names - found.keys())
+    raise RuntimeError(f"the model did not reach site(s) {missing} on this call")
+
+
+def run_to_site(model, name: str, data: dict, args, kwargs) -> dict:
+    """The site ``name`` of ``model(*args, **kwargs)`` (see :func:`run_to_sites`)."""
+    return run_to_sites(model, [name], data, args, kwargs)[name]
 
 
 def path_log_likelihood(model, name: str, values: dict, args, kwargs):
     """``x ↦ log p(everything else | x)`` at the given values of the other sites: the log
     joint of the model conditioned on them and on path site ``name`` at ``x``, without the
-    path's own term (sites upstream of it add a constant). Runs without validation, as
+    path's own term (sites upstream of it add a constant), in units of the path's own scale
+    (:func:`site_scale`: a subsampled plate scales the path and its observations alike, and
+    the path's conditional posterior does not change). Runs without validation, as
     :func:`run_to_site`."""
 
     def log_likelihood(x):
         conditioned = poutine.condition(model, data={**values, name: x})
         with poutine.block(), pyro.validation_enabled(False):
             trace = poutine.trace(conditioned).get_trace(*args, **kwargs)
-        return trace.log_prob_sum(site_filter=lambda site_name, site: site_name != name)
+        total = trace.log_prob_sum(site_filter=lambda site_name, site: site_name != name)
+        return total / site_scale(trace.nodes[name])
 
     return log_likelihood
+
+
+def site_scale(site) -> float:
+    """The scale of a trace's site (``poutine.scale``, a subsampled plate's ``N / n``) where
+    it is one number; 1 where it varies over the site's elements."""
+    scale = site["scale"]
+    if isinstance(scale, torch.Tensor):
+        return float(scale) if scale.numel() == 1 else 1.0
+    return float(scale)
 
 
 def log_joint(trace, plate_name: str):
@@ -146,11 +189,15 @@ def outside_inference():
 __all__ = [
     "full_size",
     "guided_plate_nesting",
+    "guided_traces",
     "is_subsampled",
+    "latent_size",
     "log_joint",
     "outside_inference",
     "path_log_likelihood",
     "plate_nesting",
     "run_to_site",
+    "run_to_sites",
+    "site_scale",
     "unwrap_path_distribution",
 ]
