@@ -5,25 +5,26 @@ In a hierarchical SDE model the parameter ``θ_i`` of series ``i`` is drawn in t
 from a population law with hyperparameters ``g`` (``log θ_i ~ N(m, s²)``), and each series'
 path follows its own ``θ_i``. Mean field over ``g`` and the ``θ_i`` shrinks the population's
 spread: the posterior couples every ``θ_i`` to ``g``. With ``η_i`` the unconstrained value of
-``θ_i`` and ``p(η_i | g) = N(μ(g), σ(g)²)`` its population law (a ``Normal`` or ``LogNormal``
-prior in the model), the exact conditional posterior is
+``θ_i`` and ``p(η_i | g)`` its population law there (the site's prior, any univariate law, with
+the Jacobian of the constraint), the exact conditional posterior is
 
-    ``p(η_i | g, y) ∝ N(η_i; μ(g), σ(g)²) L_i(η_i)``,   ``L_i(η) = p(y_i | η_i = η)``,
+    ``p(η_i | g, y) ∝ p(η_i | g) L_i(η_i)``,   ``L_i(η) = p(y_i | η_i = η)``,
 
 and the series' likelihood ``L_i`` does not depend on ``g``. This family keeps ``log L_i`` on a
-grid of nodes ``η_{i1} < ... < η_{iJ}`` per series (learned values ``λ_{ij}``), and takes for
-``q(η_i | g)`` the normal law with the moments of that conditional, by quadrature:
+grid of ``J`` equal cells of width ``Δ_i`` centred on nodes ``η_{i1} < ... < η_{iJ}`` per series
+(learned values ``λ_{ij}``), and takes for ``q(η_i | g)`` that conditional by quadrature:
+uniform within each cell, with the cell probabilities
 
-    ``w_{ij}(g) ∝ exp(λ_{ij}) N(η_{ij}; μ(g), σ(g)²)``,
-    ``q(η_i | g) = N(Σ_j w_{ij} η_{ij}, Σ_j w_{ij} (η_{ij} - M_i)² + Δ_i² / 12)``,
+    ``w_{ij}(g) ∝ exp(λ_{ij}) p(η_{ij} | g)``,
 
 while ``q(g)`` is a full-rank normal (in unconstrained coordinates). So ``q(η_i | g)`` moves with
 the drawn ``g`` as the posterior does, shrunk to the population when the series says little
 and held at its own value when it says much, whatever the shape of ``L_i`` (a rate is often
 weakly and skewedly identified by one series: a Gaussian pseudo-likelihood then biases the
-population's mean and spread). The ``λ_{ij}`` start at 0 (``q(η_i | g)`` at the population
-law) or at the series' log-likelihoods (:mod:`~pyro_nsde.guide.population_start`), and live in
-the series' plates, so subsampled plates subsample them.
+population's mean and spread). Several parameters per series each get such a law given ``g``
+and the series' parameters drawn before them. The ``λ_{ij}`` start at 0 (``q(η_i | g)`` at the
+population law) or at the series' log-likelihoods (:mod:`~pyro_nsde.guide.population_start`),
+and live in the series' plates, so subsampled plates subsample them.
 
 **References:**
 
@@ -33,7 +34,6 @@ the series' plates, so subsampled plates subsample them.
     AISTATS.
 """
 
-import math
 from contextlib import ExitStack
 
 import pyro
@@ -53,17 +53,27 @@ from . import sweep
 NUM_NODES = 32
 #: The nodes span the population law at the initial hyperparameters this many sds either way.
 NODE_SPAN = 6.0
-HALF_LOG_TWO_PI = 0.5 * math.log(2 * math.pi)
 
 
-def population_law(fn):
-    """``(loc, scale)`` of a site's prior in unconstrained coordinates, for a ``Normal`` or
-    ``LogNormal`` with one value per element (possibly masked); ``None`` for other laws."""
-    while isinstance(fn, dist.MaskedDistribution):
-        fn = fn.base_dist
-    if isinstance(fn, (dist.Normal, dist.LogNormal)):
-        return fn.loc, fn.scale
-    return None
+def univariate(fn) -> bool:
+    """Whether a site's law is a continuous law of one value per element (a population law the
+    family takes)."""
+    return fn.event_dim == 0 and not fn.support.is_discrete
+
+
+def population_span(fn, shape) -> tuple:
+    """``(loc, scale)`` of a site's law in unconstrained coordinates, laid out ``shape``: those
+    of a (masked) ``Normal`` or ``LogNormal``, else the moments of 256 draws."""
+    base = fn
+    while isinstance(base, dist.MaskedDistribution):
+        base = base.base_dist
+    if isinstance(base, (dist.Normal, dist.LogNormal)):
+        loc, scale = base.loc, base.scale
+    else:
+        free = biject_to(fn.support).inv(fn.sample((256,)))
+        loc, scale = free.mean(0), free.std(0)
+    loc, scale = torch.broadcast_tensors(loc.detach(), scale.detach(), torch.zeros(shape))[:2]
+    return loc, scale
 
 
 def local_sites(trace, path_sites, others):
@@ -104,11 +114,10 @@ class AutoHierarchicalNormal(AutoGuide):
         super()._setup_prototype(*args, **kwargs)
         nodes = self.prototype_trace.nodes
         for name in self.local:
-            law = population_law(nodes[name]["fn"])
-            if law is None or nodes[name]["fn"].event_dim:
+            if not univariate(nodes[name]["fn"]):
                 raise ValueError(
-                    f"latents='hierarchical' needs a Normal or LogNormal prior with one value per "
-                    f"series for site {name!r} (a parameter in the plate of a path), but it is "
+                    f"latents='hierarchical' needs a continuous law of one value per series "
+                    f"for site {name!r} (a parameter in the plate of a path), but it is "
                     f"{type(nodes[name]['fn']).__name__} with event_dim "
                     f"{nodes[name]['fn'].event_dim}; use latents='normal'"
                 )
@@ -122,8 +131,7 @@ class AutoHierarchicalNormal(AutoGuide):
         self.log_likelihoods = PyroModule()
         for name in self.local:
             node = nodes[name]
-            loc, scale = (t.detach() for t in population_law(node["fn"]))
-            loc, scale = torch.broadcast_tensors(loc, scale, node["value"])[:2]
+            loc, scale = population_span(node["fn"], node["value"].shape)
             for frame in node["cond_indep_stack"]:
                 if is_subsampled(frame):
                     loc = periodic_repeat(loc, full_size(frame), frame.dim)
@@ -145,12 +153,11 @@ class AutoHierarchicalNormal(AutoGuide):
         """The model as given (``model`` is the base class's: wrapped in its initialization)."""
         return self._raw_model[0]
 
-    def local_laws(self, values, plates, args, kwargs) -> dict:
-        """The population law of each local site given the hyperparameters in ``values``:
-        ``{name: (loc, scale)}`` in unconstrained coordinates, laid out like the site."""
+    def local_law(self, name, values, plates, args, kwargs):
+        """The population law of local site ``name`` (its distribution in the model) given
+        the hyperparameters (and any series' parameters drawn before it) in ``values``."""
         data = {**values, **sweep.indices(plates)}
-        nodes = run_to_sites(self._raw_model[0], self.local, data, args, kwargs)
-        return {name: population_law(nodes[name]["fn"]) for name in self.local}
+        return run_to_sites(self._raw_model[0], [name], data, args, kwargs)[name]["fn"]
 
     def node_grid(self, name):
         """The nodes of local site ``name`` ``(*site shape at full plate sizes, NUM_NODES)``."""
@@ -164,34 +171,39 @@ class AutoHierarchicalNormal(AutoGuide):
         values = sweep.take(getattr(self.log_likelihoods, name), stack, plates, event_dims=1)
         return grid, values
 
-    def conditional(self, name, law, plates) -> "PiecewiseUniform":
-        """``q(η_i | g)`` given the population law ``(μ(g), σ(g))``: uniform on each cell
-        around a node, with the cell's share of the conditional (its ``normalizer`` is
-        ``log Σ_j exp(λ_{ij}) N(η_{ij}; μ(g), σ(g)²) Δ_i``)."""
+    def conditional(self, name, law, plates, temper: float = 1.0) -> "PiecewiseUniform":
+        """``q(η_i | g)`` given the population law of the site: uniform on each cell around a
+        node, with the cell's share of the conditional (its ``normalizer`` is
+        ``log Σ_j exp(λ_{ij}) p(η_{ij} | g) Δ_i``). ``temper`` raises the population law to
+        that power (``1 / W²`` widens a normal law ``W`` times)."""
         grid, log_likelihoods = self.site_nodes(name, plates)
-        loc, scale = (t.unsqueeze(-1) for t in law)
+        transform = biject_to(self.prototype_trace.nodes[name]["fn"].support)
+        value = transform(grid)
+        log_jacobian = transform.log_abs_det_jacobian(grid, value)
+        points = value.movedim(-1, 0)  # the nodes left of the law's batch dims
+        pad = (1,) * max(0, len(law.batch_shape) - (points.dim() - 1))
+        points = points.reshape(points.shape[:1] + pad + points.shape[1:])
+        population = law.log_prob(points).movedim(0, -1) + log_jacobian
         step = grid[..., 1:2] - grid[..., 0:1]
-        population = -0.5 * ((grid - loc) / scale).square() - scale.log() - HALF_LOG_TWO_PI
-        return PiecewiseUniform(
-            grid[..., :1] - 0.5 * step, step, log_likelihoods + population + step.log()
-        )
+        log_weights = log_likelihoods + temper * population + step.log()
+        return PiecewiseUniform(grid[..., :1] - 0.5 * step, step, log_weights)
 
     def forward(self, *args, **kwargs):
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
         plates = self._create_plates(*args, **kwargs)
         values = {} if self.global_guide is None else dict(self.global_guide(*args, **kwargs))
-        laws = self.local_laws(values, plates, args, kwargs)
         for name in self.local:
             node = self.prototype_trace.nodes[name]
             transform = biject_to(node["fn"].support)
+            law = self.local_law(name, values, plates, args, kwargs)
             with ExitStack() as stack:
                 for frame in node["cond_indep_stack"]:
                     if frame.vectorized:
                         stack.enter_context(plates[frame.name])
                 free = pyro.sample(
                     f"{name}_unconstrained",
-                    self.conditional(name, laws[name], plates),
+                    self.conditional(name, law, plates),
                     infer={"is_auxiliary": True},
                 )
                 value = transform(free)
@@ -210,10 +222,10 @@ class AutoHierarchicalNormal(AutoGuide):
             if self.global_guide.prototype_trace is None:
                 self.global_guide._setup_prototype(*args, **kwargs)
             values = dict(self.global_guide.median(*args, **kwargs))
-        laws = self.local_laws(values, plates, args, kwargs)
         for name in self.local:
             transform = biject_to(self.prototype_trace.nodes[name]["fn"].support)
-            values[name] = transform(self.conditional(name, laws[name], plates).median())
+            law = self.local_law(name, values, plates, args, kwargs)
+            values[name] = transform(self.conditional(name, law, plates).median())
         return values
 
 
@@ -295,5 +307,6 @@ __all__ = [
     "AutoHierarchicalNormal",
     "PiecewiseUniform",
     "local_sites",
-    "population_law",
+    "population_span",
+    "univariate",
 ]

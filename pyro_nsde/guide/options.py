@@ -10,19 +10,20 @@ The rule of ``"auto"`` (the configuration the documentation recommends):
 - ``covariance``: ``"full"`` with affine and linear controls (the exact posterior of a linear
   SDE is then in the family), ``"diagonal"`` with network controls;
 - ``latents``: ``"hierarchical"`` when some latent sites share a path's plate (each series'
-  own parameters, with ``Normal`` or ``LogNormal`` population laws:
-  :mod:`~pyro_nsde.guide.hierarchical`); else ``"multivariate"`` for up to
-  :data:`MAX_MULTIVARIATE` unconstrained coordinates outside subsampled plates (the rates and
-  noise scales of an SDE are strongly correlated), else ``"normal"``;
+  own parameters, each one value per series: :mod:`~pyro_nsde.guide.hierarchical`); else
+  ``"multivariate"`` for up to :data:`MAX_MULTIVARIATE` unconstrained coordinates outside
+  subsampled plates (the rates and noise scales of an SDE are strongly correlated), else
+  ``"normal"``;
 - ``conditional``: ``"kalman"``: for affine and linear controls the path's law follows every
   draw of the parameters (and the model's current parameters) through the Kalman smoother of
   the model linearized about the path's Laplace fit;
 - ``init_latents``: ``"laplace"`` when every path follows its parameters through a Kalman
-  smoother and the family is multivariate, outside subsampled plates (the other latent sites
-  start at the Laplace approximation of their marginal posterior,
-  :mod:`~pyro_nsde.guide.global_laplace`), or hierarchical, subsampled or not (each series'
-  likelihood on its nodes, the hyperparameters at their marginal Laplace approximation,
-  :mod:`~pyro_nsde.guide.population_start`), else ``None``.
+  smoother and the family is multivariate, without sites in the paths' plates and outside
+  subsampled plates (the other latent sites start at the Laplace approximation of their
+  marginal posterior, :mod:`~pyro_nsde.guide.global_laplace`; with each series' own
+  parameters among them that mode is at a population spread of zero), or hierarchical,
+  subsampled or not (each series' likelihood on its nodes, the hyperparameters at their
+  marginal Laplace approximation, :mod:`~pyro_nsde.guide.population_start`), else ``None``.
 """
 
 import dataclasses
@@ -32,7 +33,7 @@ from ..posterior.gauss_markov import check_linear_family
 from ..posterior.girsanov import ESTIMATORS
 from ..sde.checks import check_bool, check_choice, check_positive_int
 from ..sde.sites import is_subsampled, unwrap_path_distribution
-from .hierarchical import local_sites, population_law
+from .hierarchical import local_sites, univariate
 from .latents import LATENT_FAMILIES
 
 #: The named path families of ``control`` (besides a module or callable ``u(t, x, context)``).
@@ -126,15 +127,23 @@ def resolve(options: GuideOptions, trace, paths, others, *, encoded: bool, subsa
         frames = [f for name in others for f in trace.nodes[name]["cond_indep_stack"]]
         in_subsample = any(is_subsampled(frame) for frame in frames)
         latents = "multivariate" if size <= MAX_MULTIVARIATE and not in_subsample else "normal"
-        if local and all(population_law(trace.nodes[name]["fn"]) for name in local):
+        if local and all(univariate(trace.nodes[name]["fn"]) for name in local):
             latents = "hierarchical"
     conditional = "kalman" if options.conditional == "auto" else options.conditional
     init_latents = options.init_latents
     if init_latents == "auto":
         kalman = coefficients and conditional == "kalman" and options.init_path == "laplace"
         follows = kalman and not encoded
-        starts = latents == "hierarchical" or (latents == "multivariate" and not subsampled)
+        joint = latents == "multivariate" and not subsampled and not local
+        starts = latents == "hierarchical" or joint
         init_latents = "laplace" if follows and others and starts else None
+    elif init_latents == "laplace" and local and latents != "hierarchical":
+        raise ValueError(
+            f"init_latents='laplace' with latents={latents!r} cannot start the sites "
+            f"{local} in the plates of a path (each series' own parameters): the joint mode "
+            f"of a population's members and its spread is at zero spread; use "
+            f"latents='hierarchical' (the default for them) or init_latents=None"
+        )
     control = controls
     if not isinstance(options.control, dict) and len(set(controls.values())) == 1:
         control = next(iter(controls.values()))

@@ -31,11 +31,15 @@ from ..sde.sites import outside_inference, run_to_sites, site_scale
 from . import sweep
 from .global_laplace import POINTS_PLATE, inverse_hessian, set_family
 
+#: The least log-likelihood of a node relative to its series' best (a weight of ``e^-50``:
+#: none, while keeping the family's entropy finite).
+LOG_LIKELIHOOD_FLOOR = -50.0
 #: Nodes per series of the first, coarse evaluation.
 COARSE_NODES = 16
 #: Path coordinates (nodes × series × steps × dims) evaluated together: the nodes of one run.
 STATES_PER_RUN = 8_000_000
-#: Refined nodes span each series' conditional under a population this many times wider...
+#: Refined nodes span each series' conditional under a population this many times wider (its
+#: law raised to the power ``1 / WIDENING²``)...
 WIDENING = 2.0
 #: ... this many of that conditional's sds either way.
 REFINED_SPAN = 6.0
@@ -45,6 +49,11 @@ def population_start(guide, args, kwargs) -> bool:
     """Start ``guide``'s hierarchical family as the module docstring says; returns whether the
     hyperparameters' start was applied (their mode finite, their curvature positive
     definite)."""
+    with outside_inference():  # not part of the trace of the call that sets the guide up
+        return _population_start(guide, args, kwargs)
+
+
+def _population_start(guide, args, kwargs) -> bool:
     family = guide.latent_guide
     for name in family.local:
         grid = family.node_grid(name)
@@ -68,10 +77,11 @@ def _series_chunks(guide, args, kwargs):
             yield guide._create_plates(*args, **kwargs)
 
 
-def _global_values(family, args, kwargs) -> dict:
-    """The hyperparameters' medians."""
+def _medians(family, args, kwargs, but: str) -> dict:
+    """The medians of the family's sites (for the plates' current subsample) other than
+    ``but``: the hyperparameters, and the series' other parameters."""
     medians = family.median(*args, **kwargs)
-    return {k: v.detach() for k, v in medians.items() if k not in family.local}
+    return {k: v.detach() for k, v in medians.items() if k != but}
 
 
 def series_log_likelihood(guide, values: dict, name: str, args, kwargs) -> torch.Tensor:
@@ -96,7 +106,8 @@ def series_log_likelihood(guide, values: dict, name: str, args, kwargs) -> torch
             with poutine.block():
                 drawn = guide.draw_paths(values, mean_path, args, kwargs, plates)
             model = poutine.condition(guide.raw_model, data={**drawn, **sweep.indices(plates)})
-            trace = poutine.trace(model).get_trace(*args, **kwargs)
+            with pyro.validation_enabled(False):  # extreme nodes may overflow a path
+                trace = poutine.trace(model).get_trace(*args, **kwargs)
     trace.compute_log_prob()
     shape = (num, *values[name].shape[values[name].dim() - node["value"].dim() :])
     total = -sum(_per_series(d, guide.nesting, shape) for d in densities)
@@ -133,22 +144,32 @@ def _evaluate_nodes(guide, name, args, kwargs):
     per_run = max(1, STATES_PER_RUN // max(1, states))
     full = None
     for plates in _series_chunks(guide, args, kwargs):
-        globals_ = _global_values(family, args, kwargs)
+        others = _medians(family, args, kwargs, but=name)
         grid, _ = family.site_nodes(name, plates)  # (*site shape, J)
         pieces = []
         for start in range(0, grid.shape[-1], per_run):
             columns = grid[..., start : start + per_run].movedim(-1, 0)  # (P, *site shape)
             num = columns.shape[0]
             values = {
-                k: _points_layout(guide, k, v.expand((num, *v.shape))) for k, v in globals_.items()
+                k: _points_layout(guide, k, v.expand((num, *v.shape))) for k, v in others.items()
             }
             values[name] = _points_layout(guide, name, transform(columns))
             pieces.append(series_log_likelihood(guide, values, name, args, kwargs))
-        log_likelihoods = torch.cat(pieces).movedim(0, -1)
-        log_likelihoods = log_likelihoods - log_likelihoods.amax(-1, keepdim=True)
+        log_likelihoods = _relative(torch.cat(pieces).movedim(0, -1))
         full = sweep.put(full, log_likelihoods, node["cond_indep_stack"], plates, event_dims=1)
     grid = family.node_grid(name)
     family.set_nodes(name, grid[..., 0], grid[..., -1], full, grid.shape[-1])
+
+
+def _relative(log_likelihoods):
+    """Log-likelihoods ``(..., J)`` less their maximum over the nodes, at least
+    :data:`LOG_LIKELIHOOD_FLOOR` (a node where a path overflowed, not finite, gets the floor;
+    a series with no finite node gets 0 everywhere: no information)."""
+    finite = torch.isfinite(log_likelihoods)
+    log_likelihoods = torch.where(finite, log_likelihoods, -torch.inf)
+    top = log_likelihoods.amax(-1, keepdim=True)
+    relative = (log_likelihoods - top).clamp(min=LOG_LIKELIHOOD_FLOOR)
+    return torch.where(finite.any(-1, keepdim=True), relative, 0.0)
 
 
 def _points_layout(guide, name, value):
@@ -166,9 +187,9 @@ def _refine_nodes(guide, name, args, kwargs):
     lower = upper = None
     with torch.no_grad(), outside_inference():
         for plates in _series_chunks(guide, args, kwargs):
-            globals_ = _global_values(family, args, kwargs)
-            loc, scale = family.local_laws(globals_, plates, args, kwargs)[name]
-            law = family.conditional(name, (loc, WIDENING * scale), plates)
+            others = _medians(family, args, kwargs, but=name)
+            population = family.local_law(name, others, plates, args, kwargs)
+            law = family.conditional(name, population, plates, temper=WIDENING**-2)
             probs = law.log_probs.exp()
             centres = law.start + law.step * (torch.arange(probs.shape[-1]) + 0.5)
             mean = (probs * centres).sum(-1)
@@ -187,7 +208,7 @@ def _start_globals(guide, args, kwargs) -> bool:
     for name, node in family.global_guide.prototype_trace.iter_stochastic_nodes():
         transform = biject_to(node["fn"].support)
         sites.append((name, transform, transform.inv(node["value"]).shape))
-    medians = _global_values(family, args, kwargs)
+    medians = family.global_guide.median(*args, **kwargs)
 
     def log_density(eta):
         values, log_jacobian, offset = {}, 0.0, 0
@@ -200,9 +221,13 @@ def _start_globals(guide, args, kwargs) -> bool:
             reached = run_to_sites(family.raw_model, list(values), values, args, kwargs)
             total = log_jacobian + sum(reached[n]["fn"].log_prob(values[n]).sum() for n in values)
             for plates in _series_chunks(guide, args, kwargs):
-                laws = family.local_laws(values, plates, args, kwargs)
+                known = dict(values)  # the series' parameters drawn before a site: medians
                 for name in family.local:
-                    total = total + family.conditional(name, laws[name], plates).normalizer.sum()
+                    law = family.local_law(name, known, plates, args, kwargs)
+                    conditional = family.conditional(name, law, plates)
+                    total = total + conditional.normalizer.sum()
+                    transform = biject_to(law.support)
+                    known[name] = transform(conditional.median()).detach()
         return total
 
     eta = torch.cat([t.inv(medians[n]).reshape(-1) for n, t, _ in sites]).detach()
