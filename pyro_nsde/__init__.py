@@ -26,6 +26,7 @@ from .posterior.controls import AffineControl, ControlNet
 from .posterior.gauss_markov import GaussMarkovEulerMaruyama, LinearControl
 from .posterior.girsanov import GirsanovEulerMaruyama
 from .sde.euler_maruyama import EulerMaruyama
+from .sde.subsample import subsample_steps
 from .zoo import datasets as datasets
 from .zoo.encoders import GRUEncoder
 from .zoo.nn import DiffusionNet, DriftNet, PosteriorDriftControl, TimeFeatures
@@ -58,6 +59,7 @@ __all__ = [
     "save_checkpoint",
     "series_grids",
     "solve_sde",
+    "subsample_steps",
     "to_inference_data",
     "variational_diagnostics",
 ]

@@ -84,6 +84,11 @@ class GirsanovGuide(AutoGuide):
         initialization) and of the other latent sites.
     :param str estimator: ``"girsanov"``, ``"plain"`` or ``"stl"``; see
         :class:`~pyro_nsde.posterior.girsanov.GirsanovEulerMaruyama`.
+    :param int subsample_steps: the number of steps per path of the model's
+        :func:`~pyro_nsde.subsample_steps` this guide is trained against (``None``: the
+        plain model). The ``"girsanov"`` estimator is then replaced by ``"plain"``: its
+        gradient surrogate evaluates the prior's drift on every step, which is what the
+        subsampled model saves.
     :param str covariance: ``"prior"`` (the pure Girsanov mean shift), ``"diagonal"`` or
         ``"full"`` (a learned increment covariance ``S_k``; see
         :mod:`pyro_nsde.posterior.controls`).
@@ -93,24 +98,26 @@ class GirsanovGuide(AutoGuide):
     :param str latents: the family of the other latent sites, in unconstrained space:
         ``"normal"`` (mean field, :class:`~pyro.infer.autoguide.AutoNormal`),
         ``"multivariate"`` (full-rank correlations,
-        :class:`~pyro.infer.autoguide.AutoMultivariateNormal`) or ``"lowrank"``
+        :class:`~pyro.infer.autoguide.AutoMultivariateNormal`), ``"lowrank"``
         (:class:`~pyro.infer.autoguide.AutoLowRankMultivariateNormal` with rank
-        ``latent_rank``). Correlated families hold the strong dependence between rates and
-        noise scales of an SDE; they need every latent site outside subsampled plates.
+        ``latent_rank``) or ``"hierarchical"`` (each series' own parameters, in the plate of
+        its path, given the population's hyperparameters:
+        :class:`~pyro_nsde.guide.hierarchical.AutoHierarchicalNormal`). Correlated families
+        hold the strong dependence between rates and noise scales of an SDE; they need every
+        latent site outside subsampled plates (the hierarchical one takes subsampled plates).
     :param int latent_rank: the rank of ``"lowrank"`` (default: Pyro's, about ``√n``).
     :param str conditional: how the coefficients of ``"affine"`` and ``"linear"`` controls
         (with Laplace initialization) follow the parameters ``θ`` drawn with the path:
-        ``"kalman"`` (the default for ``"affine"``: for every draw of ``θ`` the Kalman
+        ``"kalman"`` (the default: for every draw of ``θ`` the Kalman
         smoother of the model linearized at the Laplace path gives the coefficients and
         ``q(x_0)``, differentiably in ``θ``; the control's parameters are learned corrections
         on top, zero at the start, so ``q(path | θ)`` is the exact conditional posterior of a
-        linear-Gaussian model for every ``θ``), ``"taylor"`` (the default for ``"linear"``,
-        which keeps training free of sequential loops: coefficients affine in the centred
-        unconstrained values of the latent sites that share no plate with the path, slopes
-        from central differences of the Laplace fit at refreshes, then learned; see
-        :class:`~pyro_nsde.posterior.controls.PerStepCoefficients`), ``None`` (the coefficients
-        start
-        at the Laplace fit and do not depend on ``θ``), or ``"auto"`` (the defaults above).
+        linear-Gaussian model for every ``θ``; its recursions are parallel scans),
+        ``"taylor"`` (coefficients affine in the centred unconstrained values of the latent
+        sites the path follows, each series its own, slopes from central differences of the
+        Laplace fit at refreshes, then learned; see
+        :class:`~pyro_nsde.posterior.controls.PerStepCoefficients`), ``None`` (the
+        coefficients start at the Laplace fit and do not depend on ``θ``), or ``"auto"``.
     :param str init_path: ``"laplace"`` or ``"prior"`` (see above).
     :param int refresh_every: with Laplace initialization, re-fit it every this many
         training calls of the guide at the current parameters and move the coefficients with
@@ -152,6 +159,7 @@ class GirsanovGuide(AutoGuide):
         create_plates=None,
         checkpoint_every: int | None = None,
         compile_step: bool = False,
+        subsample_steps: int | None = None,
     ):
         options = GuideOptions.from_arguments(locals())
         if encoder is not None and not callable(encoder):

@@ -65,6 +65,7 @@ class GuideOptions:
     hidden_dims: tuple = (64, 64)
     checkpoint_every: int | None = None
     compile_step: bool = False
+    subsample_steps: int | None = None
 
     def __post_init__(self):
         check_choice("estimator", self.estimator, ESTIMATORS)
@@ -88,6 +89,10 @@ class GuideOptions:
         check_choice("init_latents", self.init_latents, LATENT_INITS)
         check_bool("compile_step", self.compile_step)
         check_positive_int("refresh_every", self.refresh_every, optional=True)
+        check_positive_int("subsample_steps", self.subsample_steps, optional=True)
+        if self.subsample_steps is not None and self.estimator == "girsanov":
+            # Its surrogate evaluates the prior's drift on every step: what subsampling saves.
+            object.__setattr__(self, "estimator", "plain")
         object.__setattr__(self, "init_scale", float(self.init_scale))
         object.__setattr__(self, "hidden_dims", tuple(self.hidden_dims))
 
