@@ -127,3 +127,11 @@ def test_lorenz_benchmark_quick_reports_every_implementation(tmp_path):
         assert solver > 0 and trained == 3 and seconds > 0 and rmse > 0 and 0 <= coverage <= 1
     assert table_rows(output, "| last observation carried forward |")
     assert (tmp_path / "lorenz_latent_sde.json").exists()
+
+
+def test_backtest_benchmark_scores_a_series_against_arima():
+    output = run_script(
+        "accuracy/backtest.py", "--series", "nile", "--extra", "--steps", "3", "--samples", "20"
+    )
+    assert "nile  100 rows,  20 held out," in output and "ARIMA(" in output
+    assert "pooled pyro-nsde: coverage 50 %" in output

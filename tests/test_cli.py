@@ -256,7 +256,7 @@ def test_demo_writes_netcdf_summary_and_figures(tmp_path, capsys):
     assert str(out / "forecast.png") in printed
 
 
-@pytest.mark.parametrize("model", ["ou", "neural"])
+@pytest.mark.parametrize("model", ["ou", "trend", "neural"])
 def test_fit_handles_missing_values(tmp_path, model, capsys):
     rows = ["day,temp,sales,note"]
     for k in range(12):
@@ -268,7 +268,8 @@ def test_fit_handles_missing_values(tmp_path, model, capsys):
     out = tmp_path / "fit"
     argv = ["fit", str(data), "--time", "day", "--columns", "temp,sales", "--model", model]
     assert main([*argv, "--forecast", "2", "--out", str(out), *QUICK]) == 0
-    idata = check_outputs(out, ["sigma_process", "sigma_obs"])
+    scales = ["sigma_level", "sigma_slope"] if model == "trend" else ["sigma_process"]
+    idata = check_outputs(out, [*scales, "sigma_obs"])
     # The three missing values are left out of the observed data and the log-likelihood.
     assert idata.observed_data["y"].size == 2 * 12 - 3
     assert idata.log_likelihood["y"].shape[-1] == 2 * 12 - 3

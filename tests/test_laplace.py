@@ -94,3 +94,29 @@ def test_linearization_and_sites_are_differentiable_in_the_parameters():
     assert torch.allclose(d_transition, expected)
     (d_precision,) = torch.autograd.grad(sites.precision[-1].sum(), noise)
     assert torch.allclose(d_precision, -2 / noise.detach() ** 3)
+
+
+def test_mode_search_steps_off_a_saddle_and_steps_back_from_a_diverged_point(default_dtype):
+    """The global Laplace start's search (``find_mode``): from a point where the gradient
+    vanishes along a direction of negative curvature (a saddle of a double well), L-BFGS alone
+    stops there; the search steps along that direction and reaches a mode, with a positive
+    definite ``H``. A density that raises (a diverged path) counts as a very large loss: the
+    search goes on from the points before it."""
+    from pyro_nsde.guide.global_laplace import _search_mode, find_mode
+
+    default_dtype(torch.float64)
+    calls = []
+
+    def density(points):
+        calls.append(points)
+        if len(calls) == 2:  # the first trial step of the search
+            raise ValueError("the simulated path became non-finite")
+        a, b = points[:, 0], points[:, 1]
+        return -4 * (a.square() - 1).square() - 0.5 * (b - 0.3).square()
+
+    start = torch.tensor([0.0, 2.5])
+    assert torch.allclose(_search_mode(density, start, 100), torch.tensor([0.0, 0.3]), atol=1e-4)
+    calls.clear()
+    mode, precision = find_mode(density, start)
+    assert abs(abs(mode[0].item()) - 1) < 1e-3 and abs(mode[1].item() - 0.3) < 1e-3
+    assert torch.linalg.eigvalsh(precision).min() > 0

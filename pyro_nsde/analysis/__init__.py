@@ -4,7 +4,7 @@ prediction with torchsde's solvers, and plots (:mod:`pyro_nsde.analysis.plots`).
 
 from .arviz_adapter import LOO, from_netcdf, loo, plot_ppc, plot_trace, summary, to_netcdf
 from .diagnostics import VariationalDiagnostics, pareto_khat, variational_diagnostics
-from .forecast import forecast
+from .forecast import forecast, forecast_observations, forecast_table
 from .inference_data import to_inference_data
 from .predict import predictive_paths, solve_sde
 
@@ -12,6 +12,8 @@ __all__ = [
     "LOO",
     "VariationalDiagnostics",
     "forecast",
+    "forecast_observations",
+    "forecast_table",
     "from_netcdf",
     "loo",
     "pareto_khat",

@@ -12,8 +12,13 @@ Euler–Maruyama chain on the grid ``t_K < s_1 < ... < s_J``:
 
 The drift ``f_θ`` and diffusion ``G_θ`` are those of the model's
 :class:`~pyro_nsde.EulerMaruyama` at the path site, evaluated with the parameters of each draw.
+
+A future *observation* carries the observation noise too: :func:`forecast_observations` puts
+each draw's parameters and continued path into the same model observed at the future times
+as well, and draws its likelihood there (:func:`forecast_table` writes their quantiles).
 """
 
+import warnings
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -28,7 +33,12 @@ from .draws import conditioned_trace, per_draw
 from .layout import default_layout, grid_coordinate
 
 if TYPE_CHECKING:
+    import pandas
     import xarray
+
+#: The predictive quantiles of :func:`forecast_table` (columns ``q05``, ..., ``q95``).
+QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+_QUANTILE_COLUMNS = [f"q{round(100 * q):02d}" for q in QUANTILES]
 
 
 def _posterior_samples(posterior):
@@ -132,11 +142,26 @@ def forecast(
     with torch.no_grad():
         last_state = trace.nodes[site]["value"][..., -1, :]
         continuation = EulerMaruyama(
-            law.drift, law.diffusion, last_state, grid, noise_type=law.noise_type
+            law.drift,
+            law.diffusion,
+            last_state,
+            grid,
+            noise_type=law.noise_type,
+            validate_args=False,
         )
         future = continuation.rsample()[..., 1:, :]
     shape = series_shape + (grid.shape[-1] - 1, info.shape[-1])
-    values = per_draw(future, num_draws, info.pad, shape).cpu().numpy()
+    future = per_draw(future, num_draws, info.pad, shape)
+    diverged = int((~torch.isfinite(future).flatten(1).all(1)).sum())
+    if diverged:
+        warnings.warn(
+            f"{diverged} of {num_draws} draws diverged on the forecast grid: the Euler-Maruyama "
+            f"chain is unstable for their parameters at its step size (e.g. an Ornstein-Uhlenbeck "
+            f"rate with theta * h > 2); their forecasts are NaN",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    values = future.cpu().numpy()
     values = values.reshape((num_chains, num_draws // num_chains, *shape))
 
     if dataset is not None:
@@ -156,3 +181,67 @@ def forecast(
     import xarray
 
     return xarray.DataArray(values, dims=(*SAMPLE_DIMS, *dims), coords=coords, name=site)
+
+
+def forecast_observations(model, posterior, future_times, y, *, site: str = "x") -> torch.Tensor:
+    """Draws of the observations of a ready-made model
+    (:class:`~pyro_nsde.zoo.models.LatentSDEModel`) at ``future_times``, observation noise
+    included: each posterior draw's path is continued onto the grid of the model observed at
+    its own times and then ``future_times`` (:func:`forecast`), and the model there, conditioned
+    on the draw's parameters and continued path, draws its likelihood.
+
+    :param model: the fitted model.
+    :param posterior: as for :func:`forecast`.
+    :param torch.Tensor future_times: ``(J,)`` times after the model's last observation time.
+    :param torch.Tensor y: ``(N, D)`` the data of the fit.
+    :param str site: the path site.
+    :returns: ``(S, J, D)`` draws, in the model's units; draws whose path diverges on the
+        extended grid (an unstable Euler–Maruyama step, :func:`forecast` warns) are left out.
+    """
+    future_times = torch.as_tensor(future_times, dtype=model.obs_times.dtype)
+    extended = model.with_obs_times(torch.cat([model.obs_times, future_times]))
+    num_grid = model.times.shape[-1]
+    path = forecast(model, posterior, extended.times[num_grid:], model_args=(y,), site=site)
+    samples, _, _ = _posterior_samples(posterior)
+    continued = torch.as_tensor(path.values).reshape((-1, *path.shape[2:]))
+    # Draws whose continued path diverged (forecast warned) are left out.
+    finite = torch.isfinite(continued).flatten(1).all(1)
+    if not finite.any():
+        raise ValueError("every posterior draw diverged on the forecast grid")
+    if not finite.all():
+        samples = {name: value[finite] for name, value in samples.items()}
+        continued = continued[finite]
+    samples[site] = torch.cat([samples[site], continued.to(samples[site])], dim=-2)
+    # Not Pyro's Predictive: it runs the model once unconditioned, and a path drawn from the
+    # prior may leave the range where Euler–Maruyama is stable on the extended grid.
+    trace, sites, _ = conditioned_trace(extended, samples, (None,), {})
+    info = sites["y"]
+    draws = per_draw(trace.nodes["y"]["value"], continued.shape[0], info.pad, info.shape)
+    return draws[:, model.obs_times.shape[-1] :]
+
+
+def forecast_table(draws, times, columns, loc=0.0, scale=1.0) -> "pandas.DataFrame":
+    """The long table of ``forecast.csv``: one row per time and series with the columns
+    ``time, series, mean, q05, q25, q50, q75, q95`` of ``loc + scale · draws``.
+
+    :param draws: ``(S, J, D)`` predictive draws.
+    :param times: ``(J,)`` their times.
+    :param columns: the ``D`` series names.
+    :param loc: per-series shift ``(D,)`` (a standardized model back to the data's units).
+    :param scale: per-series scale ``(D,)``.
+    """
+    import pandas
+
+    values = np.asarray(loc) + np.asarray(scale) * np.asarray(draws, dtype=np.float64)
+    quantiles = np.quantile(values, QUANTILES, axis=0)  # (Q, J, D)
+    rows = []
+    for j, time in enumerate(np.asarray(times, dtype=np.float64)):
+        for i, name in enumerate(columns):
+            row = {"time": time, "series": name, "mean": float(values[:, j, i].mean())}
+            for q, value in zip(QUANTILES, quantiles[:, j, i], strict=True):
+                row[f"q{round(100 * q):02d}"] = float(value)
+            rows.append(row)
+    return pandas.DataFrame(rows, columns=["time", "series", "mean", *_QUANTILE_COLUMNS])
+
+
+__all__ = ["QUANTILES", "forecast", "forecast_observations", "forecast_table"]

@@ -160,7 +160,8 @@ def _weighted_moments(values: torch.Tensor, weights: torch.Tensor):
     centred = z - mean
     cov = (weights[:, None] * centred).mT @ centred
     eye = torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
-    tril = torch.linalg.cholesky(cov + 1e-9 * cov.diagonal().mean() * eye)
+    # The jitter's floor: weights on a single draw give a zero covariance.
+    tril = torch.linalg.cholesky(cov + (1e-9 * cov.diagonal().mean() + 1e-12) * eye)
     return mean.to(values.dtype), tril.to(values.dtype)
 
 

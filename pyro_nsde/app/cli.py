@@ -9,14 +9,21 @@ shows the ELBO) and write into an output folder:
 - ``summary.csv``: posterior mean, sd and 90% HDI of the parameters (rates and noise scales),
   the same columns with ArviZ 0.x and 1.x;
 - ``paths.png``: posterior bands of the latent paths with the data;
-- ``forecast.png``: the same with a forecast fan past the data;
+- ``forecast.png``: the same with a forecast fan past the data, and the predictive bands of
+  future observations;
+- ``forecast.csv``: the predictive mean and quantiles of each future observation (observation
+  noise included) in the data's units (:func:`~pyro_nsde.analysis.forecast.forecast_table`);
 - ``elbo.png``: the ELBO history.
 
 ``demo`` fits :class:`~pyro_nsde.zoo.models.LotkaVolterra` to the lynx–hare pelts 1900–1920
 (:func:`~pyro_nsde.zoo.datasets.lynx_hare`) and forecasts to 1930. ``fit`` reads a CSV file
 (:func:`~pyro_nsde.zoo.datasets.read_csv`), standardizes each column and fits a
-:class:`~pyro_nsde.zoo.models.NeuralSDE` or an :class:`~pyro_nsde.zoo.models.OrnsteinUhlenbeck`
-model.
+:class:`~pyro_nsde.zoo.models.LocalLinearTrend`, an
+:class:`~pyro_nsde.zoo.models.OrnsteinUhlenbeck` (by default whichever a KPSS test points to,
+with a cycle where the periodogram finds one: :func:`choose_model`) or a
+:class:`~pyro_nsde.zoo.models.NeuralSDE` model; with ``--holdout`` it fits all but the last
+rows and scores its forecast of them against an automatically selected ARIMA
+(``backtest.csv``).
 Bad input ends the command with a one-line message and exit status 1.
 
 Set ``PYRO_NSDE_FAST=1`` for a quick run (few SVI steps and draws) unless ``--steps`` and
@@ -35,9 +42,16 @@ import pyro
 import torch
 
 from ..analysis import arviz_adapter
+from ..analysis.forecast import forecast_table
 from ..guide.guide import GirsanovGuide
 from ..zoo.datasets import TimeSeries, lynx_hare, read_csv
-from ..zoo.models import LotkaVolterra, NeuralSDE, OrnsteinUhlenbeck
+from ..zoo.models import (
+    LocalLinearTrend,
+    LotkaVolterra,
+    NeuralSDE,
+    OrnsteinUhlenbeck,
+    Seasonal,
+)
 from .training import fit_svi
 
 #: Posterior means of the Lotka–Volterra rates for the same data (per year, populations in
@@ -55,12 +69,29 @@ NEURAL_GUIDE_OPTIONS = {"control": "affine", "conditional": None, "refresh_every
 
 #: Defaults of ``--steps`` (``None``: until the ELBO stops improving, :func:`fit_svi`) and
 #: ``--samples``, and their values under ``PYRO_NSDE_FAST=1``.
-DEFAULT_STEPS = {"demo": None, "fit": {"neural": 500, "ou": None}}
+DEFAULT_STEPS = {
+    "demo": None,
+    "fit": {"neural": 500, "ou": None, "trend": None, "auto": None},
+}
 DEFAULT_SAMPLES = 1000
 FAST_STEPS, FAST_SAMPLES = 30, 100
 
+#: SVI without ``--steps``: until converged, at most this many steps (the guide starts at its
+#: Laplace fit; on monthly series of 300 rows a step of the seasonal models costs 0.1-0.2 s);
+#: ``fit`` with a linear model takes this many particles per step (the demo and the neural
+#: model fit_svi's default).
+FIT_MAX_STEPS, FIT_PARTICLES = 500, 4
+
+#: ``fit`` corrects the guide's draws by importance resampling for paths of at most this many
+#: coordinates (grid points × state dimension).
+RESAMPLE_MAX_COORDINATES = 2048
+
 #: The models of ``fit --model``.
-MODEL_NAMES = {"neural": "neural", "ou": "Ornstein-Uhlenbeck"}
+MODEL_NAMES = {
+    "neural": "neural",
+    "ou": "Ornstein-Uhlenbeck",
+    "trend": "local linear trend",
+}
 
 #: Central probabilities of the posterior predictive intervals whose coverage is reported.
 COVERAGE_LEVELS = (0.5, 0.9)
@@ -106,17 +137,19 @@ def _in_data_units(array, state_loc, state_scale, names, log: bool):
     return value.assign_coords({array.dims[-1]: names}).rename(array.name)
 
 
-def _write_outputs(out: Path, idata, losses, paths, future, observations, parameters, title):
-    """Write the NetCDF file, the summary and the figures.
+def _write_outputs(out: Path, idata, losses, future, units, observations, parameters, title, table):
+    """Write the NetCDF file, the summary, the forecast table and the figures.
 
     :param idata: the fit, from :func:`~pyro_nsde.analysis.diagnostics.to_inference_data`
         (``InferenceData`` or ``DataTree``).
     :param losses: the SVI losses.
-    :param paths: the posterior path variable in data units (plotted).
-    :param future: the forecast of the path in data units.
+    :param future: the forecast of the path (plotted with the posterior paths, both in data
+        units: :func:`_in_data_units` with ``units``).
     :param observations: ``(times, values)`` drawn as points.
     :param parameters: the variables summarized.
     :param str title: the title of the path figures.
+    :param table: the predictive quantiles of future observations (:func:`forecast_table`),
+        written to ``forecast.csv`` and drawn on the forecast figure.
     :returns: ``({what: file}, summary table)``.
     """
     import matplotlib.pyplot as plt
@@ -124,17 +157,25 @@ def _write_outputs(out: Path, idata, losses, paths, future, observations, parame
     from ..analysis.plots import plot_elbo, plot_forecast, plot_path_bands
 
     out.mkdir(parents=True, exist_ok=True)
-    files = {"posterior": out / "posterior.nc", "summary": out / "summary.csv"}
+    files = {
+        "posterior": out / "posterior.nc",
+        "summary": out / "summary.csv",
+        "forecast table": out / "forecast.csv",
+    }
     arviz_adapter.to_netcdf(idata, files["posterior"])
     summary = arviz_adapter.summary(idata, var_names=parameters, hdi_prob=0.9)
     summary.to_csv(files["summary"], float_format="%.6g")
+    table.to_csv(files["forecast table"], index=False, float_format="%.6g")
 
+    paths = _in_data_units(arviz_adapter.group(idata, "posterior")["x"], **units)
+    future = _in_data_units(future, **units)
     view = arviz_adapter.from_datasets({"posterior": paths.to_dataset()})
     figures = {
         "paths": plot_path_bands(view, observations=observations),
         "forecast": plot_forecast(view, future, observations=observations),
         "elbo": plot_elbo(losses),
     }
+    _draw_observation_bands(figures["forecast"][1], table)
     for name in ("paths", "forecast"):
         fig, axes = figures[name]
         axes[0, 0].set_title(f"{title}: {'posterior' if name == 'paths' else 'forecast'}")
@@ -145,6 +186,16 @@ def _write_outputs(out: Path, idata, losses, paths, future, observations, parame
         fig.savefig(files[name], dpi=110)
         plt.close(fig)
     return files, summary
+
+
+def _draw_observation_bands(axes, table):
+    """The 50 % and 90 % predictive intervals of future observations (``forecast.csv``) on
+    the forecast figure: series ``i`` observes the path's coordinate ``i`` (row ``i``)."""
+    for row, (name, rows) in enumerate(table.groupby("series", sort=False)):
+        axis = axes[row, 0]
+        for low, high, alpha in (("q05", "q95", 0.15), ("q25", "q75", 0.3)):
+            axis.fill_between(rows["time"], rows[low], rows[high], color="C3", alpha=alpha, lw=0)
+        axis.plot(rows["time"], rows["q50"], color="C3", lw=1, label=f"{name}: next observation")
 
 
 def _coverage(idata) -> dict:
@@ -180,13 +231,14 @@ def _forecast_times(last: float, horizon: float, step: float) -> torch.Tensor:
 # --------------------------------------------------------------------------- commands
 
 
-def _fit_and_forecast(model, values, coords, future, args):
+def _fit_and_forecast(model, values, coords, future, future_obs, args, particles=None):
     """Fit ``model`` to ``values`` with a ``GirsanovGuide`` (its defaults; for a neural model
     :data:`NEURAL_GUIDE_OPTIONS`) and :func:`~pyro_nsde.fit_svi`, convert the posterior to ArviZ
-    (importance-resampled where its Pareto ``k̂`` allows) and forecast the path at ``future``
-    times: ``(losses, idata, forecast path)``."""
+    (importance-resampled where its Pareto ``k̂`` allows), forecast the path at ``future``
+    times and draw the observations at ``future_obs`` times: ``(losses, idata, forecast path,
+    observation draws (S, J, D))``."""
     # Imported here, not at the top: ArviZ and xarray are slow to import and --help needs neither.
-    from ..analysis.forecast import forecast
+    from ..analysis.forecast import forecast, forecast_observations
     from ..analysis.inference_data import to_inference_data
 
     options = NEURAL_GUIDE_OPTIONS if isinstance(model, NeuralSDE) else {}
@@ -198,10 +250,26 @@ def _fit_and_forecast(model, values, coords, future, args):
 
     start = time.perf_counter()
     losses = fit_svi(
-        model, guide, values, steps=args.steps, max_plate_nesting=2, progress=not args.quiet
+        model,
+        guide,
+        values,
+        steps=args.steps,
+        max_steps=FIT_MAX_STEPS,
+        num_particles=particles,
+        max_plate_nesting=2,
+        progress=not args.quiet,
     )
+    # Importance resampling weighs 2000 to 6000 guide draws of the whole path: on a long path
+    # of several coordinates that is most of the run (2000 draws of a 957-step path of 4
+    # coordinates: 23-43 s), and it is declined there (k > 1 on monthly series).
+    cheap = model.times.shape[0] * model.state_dim <= RESAMPLE_MAX_COORDINATES
     idata = to_inference_data(
-        model, guide=guide, model_args=(values,), num_samples=args.samples, coords=coords
+        model,
+        guide=guide,
+        model_args=(values,),
+        num_samples=args.samples,
+        coords=coords,
+        importance_resampling="auto" if cheap else False,
     )
     seconds = time.perf_counter() - start
     stats = arviz_adapter.group(idata, "sample_stats").attrs
@@ -214,7 +282,8 @@ def _fit_and_forecast(model, values, coords, future, args):
         )
     if not args.quiet:
         print(f"fit: {seconds:.1f} s ({len(losses)} SVI steps and the posterior draws)")
-    return losses, idata, forecast(model, idata, future, model_args=(values,))
+    path = None if future is None else forecast(model, idata, future, model_args=(values,))
+    return losses, idata, path, forecast_observations(model, idata, future_obs, values)
 
 
 def run_demo(args) -> dict:
@@ -240,11 +309,13 @@ def run_demo(args) -> dict:
     }
     horizon = args.forecast_to - last_year
     future = _forecast_times(float(years[-1]), horizon, 1.0 / args.steps_per_year)
-    losses, idata, path = _fit_and_forecast(model, data.values, coords, future, args)
+    future_obs = float(years[-1]) + torch.arange(1, math.floor(horizon) + 1, dtype=years.dtype)
+    fitted = _fit_and_forecast(model, data.values, coords, future, future_obs, args)
+    losses, idata, path, draws = fitted
+    table = forecast_table(draws, future_obs.numpy() + first_year, data.columns)
     # Years since the first observation → calendar years.
     time = arviz_adapter.group(idata, "posterior").time + first_year
     idata = arviz_adapter.update_group(idata, "posterior", coords={"time": time})
-    posterior = arviz_adapter.group(idata, "posterior")
     path = path.assign_coords(time=path.time + first_year)
     names = [f"{name} (thousands)" for name in data.columns]
     units = {"state_loc": np.zeros(2), "state_scale": np.ones(2), "names": names, "log": True}
@@ -252,11 +323,12 @@ def run_demo(args) -> dict:
         Path(args.out),
         idata,
         losses,
-        _in_data_units(posterior["x"], **units),
-        _in_data_units(path, **units),
+        path,
+        units,
         (data.times.numpy(), data.values.numpy()),
         [*LotkaVolterra.rate_names, "sigma_process", "sigma_obs"],
         "Lotka-Volterra SDE",
+        table,
     )
     print("rates per year (posterior mean ± sd; Carpenter 2018 posterior mean):")
     for name, published in PUBLISHED_RATES.items():
@@ -273,18 +345,19 @@ def run_fit(args) -> dict:
     # Read and standardize in double precision (times may be large, e.g. Unix timestamps),
     # then fit in the default dtype.
     series = read_csv(args.data, time=args.time, columns=columns, dtype=torch.float64)
+    series, held_out = _split(series, args.holdout)
     scaled, (loc, scale), (t0, unit) = _standardize(series, torch.get_default_dtype())
-    span = (series.times[-1] - series.times[0]).item()
-    horizon = 0.2 * span if args.forecast is None else args.forecast
     num = series.values.shape[1]
-    if args.model == "neural":
-        model = NeuralSDE(scaled.times, num, steps_per_unit=args.steps_per_unit)
-        state_names = [*series.columns, *(f"z{i}" for i in range(1, model.state_dim - num + 1))]
-    else:
-        model = OrnsteinUhlenbeck(scaled.times, num, steps_per_unit=args.steps_per_unit)
-        state_names = list(series.columns)
+    if args.model == "neural" and args.period is not None:
+        raise ValueError("--period adds a cycle to the trend and ou models, not to neural")
+    if args.model == "auto":
+        args.model = choose_model(series, args)
+    period = None if args.period is None else args.period / unit
+    model, state_names = _latent_model(args.model, scaled, args.steps_per_unit, period)
+    title = MODEL_NAMES[args.model]
+    title += "" if period is None else f" and cycle (period {args.period:.4g} {series.time_name})"
     print(
-        f"fitting a latent {MODEL_NAMES[args.model]} SDE "
+        f"fitting a latent {title} SDE "
         f"to {', '.join(series.columns)} ({len(series)} rows, {int(series.mask.sum())} values, "
         f"{model.times.shape[0] - 1} Euler-Maruyama steps, {_svi_steps(args.steps)})"
     )
@@ -294,8 +367,16 @@ def run_fit(args) -> dict:
         "state": state_names,
         "coordinates": state_names,
     }
-    future = _forecast_times(float(scaled.times[-1]), horizon / unit, 1.0 / args.steps_per_unit)
-    losses, idata, path = _fit_and_forecast(model, scaled.values, coords, future, args)
+    future_obs = _future_observation_times(scaled, held_out, t0, unit, args.forecast)
+    last = float(scaled.times[-1])
+    future = _forecast_times(last, float(future_obs[-1]) - last, 1.0 / args.steps_per_unit)
+    particles = None if args.model == "neural" else FIT_PARTICLES
+    fitted = _fit_and_forecast(
+        model, scaled.values, coords, future, future_obs, args, particles=particles
+    )
+    losses, idata, path, draws = fitted
+    times = t0 + unit * future_obs.double().numpy()
+    table = forecast_table(draws, times, series.columns, loc.numpy(), scale.numpy())
     if isinstance(model, OrnsteinUhlenbeck):
         note = overshoot_note(
             model, arviz_adapter.group(idata, "posterior")["theta"], series.columns
@@ -321,12 +402,18 @@ def run_fit(args) -> dict:
         Path(args.out),
         idata,
         losses,
-        _in_data_units(posterior["x"], **units),
-        _in_data_units(path, **units),
+        path,
+        units,
         (series.times.numpy(), observations),
         [name for name in posterior.data_vars if name != "x"],
-        f"latent {MODEL_NAMES[args.model]} SDE",
+        f"latent {title} SDE",
+        table,
     )
+    if held_out is not None:
+        values = loc.numpy() + scale.numpy() * draws.double().numpy()
+        files["backtest"] = Path(args.out) / "backtest.csv"
+        result = backtest(series, held_out, values, files["backtest"])
+        print(result.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
     print(
         f"parameters are in standardized units: each column minus its mean, divided by its "
         f"standard deviation; time in units of {unit:.10g} {series.time_name} from {t0:.10g}"
@@ -334,6 +421,156 @@ def run_fit(args) -> dict:
     coverage = _coverage(idata)
     _report(files, coverage, int(series.mask.sum()))
     return {"files": files, "coverage": coverage}
+
+
+def _future_observation_times(scaled: TimeSeries, held_out, t0, unit, horizon):
+    """The forecast times of ``forecast.csv`` in model time: the held-out rows' times, else
+    whole median gaps past the last row up to ``horizon`` (time column's units; default a
+    quarter of the data's span: the last fifth of a series held out is a quarter of the rest)."""
+    if held_out is not None:
+        return ((held_out.times - t0) / unit).to(scaled.times.dtype)
+    span = float(scaled.times[-1])
+    gaps = math.ceil((0.25 * span if horizon is None else horizon / unit) - 1e-9)
+    return span + torch.arange(1, max(gaps, 1) + 1, dtype=scaled.times.dtype)
+
+
+def choose_model(series: TimeSeries, args) -> str:
+    """``--model auto``: the local linear trend if a KPSS test at the 5 % level finds a unit
+    root in any column (the rule by which ``auto.arima`` differences a series,
+    :func:`~pyro_nsde.analysis.backtest.differences`), else the Ornstein–Uhlenbeck model; with
+    a stochastic cycle where the periodogram finds one (:func:`dominant_period`, which sets
+    ``args.period``). Says which and why.
+
+    A stationary series is forecast best by an OU process, which relaxes to its mean with a
+    bounded variance; a trending or wandering one by the trend model, which continues its slope
+    with a growing variance: each loses badly where the other wins (the backtests of the
+    README, ``benchmarks/accuracy/backtest.py``). Choosing by a backtest on the last rows of
+    the data instead (fitting both to the rest) was tried: it costs two more fits, and on the
+    README's series it picked the worse model more often than the test."""
+    from ..analysis.backtest import differences
+
+    orders = [differences(column.numpy()) for column in series.values.T]
+    wandering = [name for name, d in zip(series.columns, orders, strict=True) if d > 0]
+    model = "trend" if wandering else "ou"
+    reason = f"a unit root in {', '.join(wandering)}" if wandering else "no unit root"
+    cycle = ""
+    if args.period is None:
+        scaled, _, (_, unit) = _standardize(series, torch.float64)
+        period = dominant_period(scaled)
+        if period is not None:
+            args.period = period * unit
+            cycle = f"; a cycle of period {args.period:.4g} {series.time_name} (periodogram)"
+    print(f"model: {MODEL_NAMES[model]} (KPSS test: {reason}{cycle})")
+    return model
+
+
+def dominant_period(scaled: TimeSeries, min_ratio: float = 30.0, min_cycles: float = 6.0):
+    """The period (in the model's time units, median gaps) of the strongest cycle in the
+    columns of ``scaled``, or ``None`` if none stands out: the periodogram of the columns with
+    their linear trends removed (missing values set to the trend; the rows taken as evenly
+    spaced), periods from 2 gaps to a ``min_cycles``-th of the span. A cycle is a narrow peak,
+    so a peak is measured against its neighbourhood, not the whole spectrum (a wandering
+    series has most of its power at low frequencies): its ratio to the median of the
+    periodogram within 8 frequencies on either side (the two next to it left out) must pass
+    ``min_ratio``. On 1800 simulated series without a cycle (random walks, AR(1) with
+    ``φ = 0.9`` and white noise, 50–300 points) the largest ratio passed 26 in 1 % of them and
+    36 in 0.1 %; on monthly CO2 and El Niño and quarterly inflation it is 4700, 560 and 230."""
+    values = scaled.values.double().numpy()
+    rows = np.arange(values.shape[0], dtype=np.float64)
+    power = 0.0
+    for column in values.T:
+        seen = ~np.isnan(column)
+        if seen.sum() < 8:
+            return None
+        slope, intercept = np.polyfit(rows[seen], column[seen], 1)
+        residual = np.where(seen, column - (slope * rows + intercept), 0.0)
+        power = power + np.abs(np.fft.rfft(residual)) ** 2
+    freqs = np.fft.rfftfreq(len(rows))
+    searched = np.flatnonzero((freqs >= min_cycles / len(rows)) & (freqs > 0))
+    if len(searched) < 3:
+        return None
+    ratios = []
+    for k in searched:
+        window = [j for j in range(k - 8, k + 9) if 0 < j < len(power) and abs(j - k) > 1]
+        ratios.append(power[k] / max(np.median(power[window]), 1e-300))
+    best = int(np.argmax(ratios))
+    return float(1.0 / freqs[searched[best]]) if ratios[best] > min_ratio else None
+
+
+def _latent_model(name: str, scaled: TimeSeries, steps_per_unit: float, period=None):
+    """``(model, state names)`` of ``fit --model name`` for standardized data (``period``:
+    the seasonal model's, in the model's time units)."""
+    num, columns = scaled.values.shape[1], list(scaled.columns)
+    if name == "neural":
+        model = NeuralSDE(scaled.times, num, steps_per_unit=steps_per_unit)
+        return model, [*columns, *(f"z{i}" for i in range(1, model.state_dim - num + 1))]
+    if name == "trend":
+        model = LocalLinearTrend(scaled.times, num, steps_per_unit=steps_per_unit)
+        names = [*columns, *(f"{column}_slope" for column in columns)]
+    else:
+        model = OrnsteinUhlenbeck(scaled.times, num, steps_per_unit=steps_per_unit)
+        names = columns
+    if period is None:
+        return model, names
+    cycle = [f"{column}_{part}" for part in ("cycle", "cycle_sine") for column in columns]
+    return Seasonal(model, period), [*names, *cycle]
+
+
+def _split(series: TimeSeries, holdout):
+    """``(rows to fit, held-out rows or None)``: the last ``holdout`` rows (a count, or a
+    fraction below 1 of the rows) held out."""
+    if holdout is None:
+        return series, None
+    count = round(holdout * len(series)) if holdout < 1 else int(holdout)
+    if holdout >= 1 and holdout != int(holdout):
+        raise ValueError(f"--holdout must be a fraction below 1 or a count of rows, got {holdout}")
+    if not 1 <= count <= len(series) - 3:
+        raise ValueError(
+            f"--holdout {holdout:g} holds out {count} of the {len(series)} rows; at least 1 "
+            f"must be held out and 3 kept"
+        )
+    keep = len(series) - count
+
+    def rows(part):
+        return TimeSeries(series.times[part], series.values[part], series.columns, series.time_name)
+
+    return rows(slice(None, keep)), rows(slice(keep, None))
+
+
+def backtest(series: TimeSeries, held_out: TimeSeries, draws, path: Path):
+    """Score the predictive ``draws`` ``(S, J, D)`` (data units) of the held-out rows, and the
+    automatically selected ARIMA of each series fitted to the same rows
+    (:mod:`~pyro_nsde.analysis.backtest`); write and return the table."""
+    import pandas
+    from scipy.stats import norm
+
+    from ..analysis.backtest import LEVELS, arima_forecast, crps_draws, crps_normal, scores
+
+    rows = []
+    truth = held_out.values.numpy()
+    for i, name in enumerate(series.columns):
+        y = truth[:, i]
+        tails = {level: ((1 - level) / 2, (1 + level) / 2) for level in LEVELS}
+        bounds = {k: np.quantile(draws[:, :, i], v, axis=0) for k, v in tails.items()}
+        ours = scores(
+            {k: v[0] for k, v in bounds.items()},
+            {k: v[1] for k, v in bounds.items()},
+            crps_draws(draws[:, :, i], np.nan_to_num(y)),
+            y,
+        )
+        rows.append({"series": name, "model": "pyro-nsde", **ours})
+        mean, sd, order = arima_forecast(series.values[:, i].numpy(), len(y))
+        z = {level: norm.ppf((1 + level) / 2) for level in LEVELS}
+        baseline = scores(
+            {k: mean - v * sd for k, v in z.items()},
+            {k: mean + v * sd for k, v in z.items()},
+            crps_normal(mean, sd, np.nan_to_num(y)),
+            y,
+        )
+        rows.append({"series": name, "model": f"ARIMA{order}", **baseline})
+    table = pandas.DataFrame(rows)
+    table.to_csv(path, index=False, float_format="%.6g")
+    return table
 
 
 def overshoot_note(model: OrnsteinUhlenbeck, theta, columns, threshold: float = 0.005):
@@ -406,6 +643,68 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _common_options(sub):
+    """The options of both commands."""
+    out = f"pyro_nsde_{sub.prog.split()[-1]}"
+    steps = DEFAULT_STEPS[sub.prog.split()[-1]]
+    if isinstance(steps, dict):
+        steps = ", ".join(
+            f"{value or 'until converged'} for --model {key}" for key, value in steps.items()
+        )
+    steps = steps or "until converged"
+    sub.add_argument("--out", default=out, help=f"output folder (default: {out})")
+    sub.add_argument("--steps", type=_positive_int, help=f"SVI steps (default: {steps})")
+    sub.add_argument(
+        "--samples",
+        type=_positive_int,
+        help=f"posterior draws written to the NetCDF file (default: {DEFAULT_SAMPLES})",
+    )
+    sub.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    sub.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _fit_options(fit):
+    """The options of ``fit``."""
+    fit.add_argument("data", help="the CSV file")
+    fit.add_argument("--time", required=True, help="the name of the (numeric) time column")
+    fit.add_argument("--columns", help="comma-separated value columns (default: all others)")
+    fit.add_argument(
+        "--model",
+        choices=("auto", "trend", "ou", "neural"),
+        default="auto",
+        help="trend: a local linear trend per column (the level integrates a mean-reverting "
+        "slope); ou: an Ornstein-Uhlenbeck process per column; neural: a latent SDE with a "
+        "neural drift; auto: trend where a KPSS test finds a unit root in a column, else ou, "
+        "with a stochastic cycle where the periodogram finds one (default: auto)",
+    )
+    fit.add_argument(
+        "--forecast",
+        type=_positive_float,
+        help="forecast horizon in the time column's units (default: a quarter of the data's "
+        "span, in whole median gaps between rows)",
+    )
+    fit.add_argument(
+        "--holdout",
+        type=_positive_float,
+        help="hold out the last rows (a fraction below 1, or a number of rows), forecast "
+        "them and score the forecast against an ARIMA baseline in backtest.csv",
+    )
+    fit.add_argument(
+        "--period",
+        type=_positive_float,
+        help="add a stochastic cycle of this period (in the time column's units) to the "
+        "trend or ou model (default: none; with --model auto, the periodogram's peak where "
+        "one stands out)",
+    )
+    fit.add_argument(
+        "--steps-per-unit",
+        type=_positive_float,
+        default=4.0,
+        help="Euler-Maruyama steps per median gap between observations (default: 4)",
+    )
+    _common_options(fit)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``pyro-nsde`` (``python -m pyro_nsde``)."""
     parser = argparse.ArgumentParser(
@@ -414,32 +713,13 @@ def build_parser() -> argparse.ArgumentParser:
         "guide; write an ArviZ NetCDF file, a summary and plots.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    def common(sub):
-        out = f"pyro_nsde_{sub.prog.split()[-1]}"
-        steps = DEFAULT_STEPS[sub.prog.split()[-1]]
-        if isinstance(steps, dict):
-            steps = ", ".join(
-                f"{value or 'until converged'} for --model {key}" for key, value in steps.items()
-            )
-        steps = steps or "until converged"
-        sub.add_argument("--out", default=out, help=f"output folder (default: {out})")
-        sub.add_argument("--steps", type=_positive_int, help=f"SVI steps (default: {steps})")
-        sub.add_argument(
-            "--samples",
-            type=_positive_int,
-            help=f"posterior draws written to the NetCDF file (default: {DEFAULT_SAMPLES})",
-        )
-        sub.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-        sub.add_argument("--quiet", action="store_true", help="no progress bar")
-
     demo = commands.add_parser(
         "demo",
         help="stochastic Lotka-Volterra model of the lynx-hare pelts 1900-1920",
         description="Fit a stochastic Lotka-Volterra model on log-populations to the Hudson's "
         "Bay Company lynx and hare pelts 1900-1920 and forecast to 1930.",
     )
-    common(demo)
+    _common_options(demo)
     demo.add_argument(
         "--steps-per-year",
         type=_positive_float,
@@ -460,28 +740,7 @@ def build_parser() -> argparse.ArgumentParser:
         "values (empty cells, NA, NaN) are allowed; times must be numeric and strictly "
         "increasing. Columns are standardized before fitting.",
     )
-    fit.add_argument("data", help="the CSV file")
-    fit.add_argument("--time", required=True, help="the name of the (numeric) time column")
-    fit.add_argument("--columns", help="comma-separated value columns (default: all others)")
-    fit.add_argument(
-        "--model",
-        choices=("neural", "ou"),
-        default="neural",
-        help="neural: a latent SDE with a neural drift; ou: independent Ornstein-Uhlenbeck "
-        "processes (default: neural)",
-    )
-    fit.add_argument(
-        "--forecast",
-        type=_positive_float,
-        help="forecast horizon in the time column's units (default: 20%% of the data's span)",
-    )
-    fit.add_argument(
-        "--steps-per-unit",
-        type=_positive_float,
-        default=4.0,
-        help="Euler-Maruyama steps per median gap between observations (default: 4)",
-    )
-    common(fit)
+    _fit_options(fit)
     return parser
 
 
@@ -514,4 +773,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["build_parser", "fit_svi", "interval_coverage", "main", "run_demo", "run_fit"]
+__all__ = [
+    "build_parser",
+    "choose_model",
+    "fit_svi",
+    "interval_coverage",
+    "main",
+    "run_demo",
+    "run_fit",
+]

@@ -37,6 +37,7 @@ import numpy as np
 import pyro
 from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO
+from pyro.infer.autoguide.initialization import InitMessenger, init_to_median
 from tqdm.auto import tqdm
 
 from ..sde.checks import check_positive_int
@@ -50,9 +51,16 @@ LOCATION_RATE = 0.02
 
 
 def model_has_parameters(model, *args, **kwargs) -> bool:
-    """Whether ``model(*args, **kwargs)`` has ``pyro.param`` / ``pyro.module`` parameters."""
+    """Whether ``model(*args, **kwargs)`` has ``pyro.param`` / ``pyro.module`` parameters.
+
+    A path drawn with parameters drawn from the prior may diverge: then the model runs at
+    its prior medians (``init_to_median``)."""
     with poutine.block():
-        trace = poutine.trace(model, param_only=True).get_trace(*args, **kwargs)
+        try:
+            trace = poutine.trace(model, param_only=True).get_trace(*args, **kwargs)
+        except ValueError:
+            at_median = InitMessenger(init_to_median)(model)
+            trace = poutine.trace(at_median, param_only=True).get_trace(*args, **kwargs)
     return any(site["type"] == "param" for site in trace.nodes.values())
 
 

@@ -42,6 +42,10 @@ from .slots import ParamSlot
 POINTS_PLATE = "_pyro_nsde_laplace_points"
 #: The step of the central differences of the gradient, in unconstrained units.
 HESSIAN_STEP = 1e-3
+#: The loss of a trial point of the mode search where the density is not finite.
+DIVERGED_LOSS = 1e30
+#: Restarts of the mode search from a saddle point.
+SADDLE_ESCAPES = 2
 
 
 class MarginalDensity:
@@ -107,9 +111,49 @@ def laplace_start(guide, args, kwargs, *, max_iterations: int = 100) -> bool:
     marginal posterior of its sites (see the module docstring): the location at ``η̂``, the
     scale (a full ``H⁻¹`` for multivariate families, its marginal sds otherwise) from ``H``.
     The paths' Laplace fits are refreshed at ``η̂``. Returns whether it was applied (the
-    mode and curvature must be finite and ``H`` positive definite)."""
+    mode and curvature must be finite and ``H`` positive definite).
+
+    The mode is searched by L-BFGS; a trial point where the density is not finite counts as
+    :data:`DIVERGED_LOSS`. A search that stops where ``H`` has a negative eigenvalue (a saddle,
+    not a mode) is restarted, at most :data:`SADDLE_ESCAPES` times, from a step of
+    ``1/sqrt|λ|`` along that eigenvector, to the side of the higher density."""
     density = MarginalDensity(guide, args, kwargs)
-    eta = density.initial().requires_grad_()
+    mode, precision = find_mode(density, density.initial(), max_iterations)
+    values, _ = density.values(mode.unsqueeze(0))
+    shapes = {name: node["value"].shape for name, node, *_ in density.sites}
+    guide.refresh_at({k: v.reshape(shapes[k]) for k, v in values.items()}, args, kwargs)
+    covariance = None if precision is None else _inverse(precision, mode.dtype)
+    if covariance is None or not torch.isfinite(mode).all():
+        return False
+    set_family(guide.latent_guide, mode, covariance)
+    return True
+
+
+def find_mode(density, start: torch.Tensor, max_iterations: int = 100):
+    """``(η̂, H or None)``: the mode of ``density`` (points ``(n, D)`` to ``(n,)``) searched
+    from ``start`` ``(D,)`` as :func:`laplace_start` says, with :func:`hessian_precision`."""
+    eta = start
+    for attempt in range(SADDLE_ESCAPES + 1):
+        mode = _search_mode(density, eta, max_iterations)
+        precision = hessian_precision(density, mode)
+        if precision is None or attempt == SADDLE_ESCAPES:
+            break
+        values, vectors = torch.linalg.eigh(precision)
+        if values[0] > 0:
+            break
+        step = float(values[0].abs().rsqrt().clamp(0.1, 2.0))
+        sides = torch.stack([mode + step * vectors[:, 0], mode - step * vectors[:, 0]])
+        with torch.no_grad():
+            try:
+                eta = sides[density(sides.to(mode.dtype)).argmax()].to(mode.dtype)
+            except (ValueError, torch.linalg.LinAlgError):
+                break
+    return mode, precision
+
+
+def _search_mode(density, start: torch.Tensor, max_iterations: int) -> torch.Tensor:
+    """The L-BFGS search of :func:`laplace_start` from ``start`` ``(D,)``."""
+    eta = start.detach().clone().requires_grad_()
     optimizer = torch.optim.LBFGS(
         [eta],
         lr=1.0,
@@ -121,38 +165,51 @@ def laplace_start(guide, args, kwargs, *, max_iterations: int = 100) -> bool:
 
     def closure():
         optimizer.zero_grad()
-        loss = -density(eta.unsqueeze(0)).sum()
+        try:
+            loss = -density(eta.unsqueeze(0)).sum()
+        except (ValueError, torch.linalg.LinAlgError):
+            # A trial point where the model's density is not finite (a path that diverged):
+            # a loss no point near the start has, so that the line search steps back.
+            eta.grad = torch.zeros_like(eta)
+            return eta.new_tensor(DIVERGED_LOSS)
         loss.backward()
         return loss
 
     with torch.enable_grad():
         optimizer.step(closure)
-    mode = eta.detach()
-    values, _ = density.values(mode.unsqueeze(0))
-    shapes = {name: node["value"].shape for name, node, *_ in density.sites}
-    guide.refresh_at({k: v.reshape(shapes[k]) for k, v in values.items()}, args, kwargs)
-    covariance = inverse_hessian(density, mode)
-    if covariance is None or not torch.isfinite(mode).all():
-        return False
-    set_family(guide.latent_guide, mode, covariance)
-    return True
+    return eta.detach()
 
 
-def inverse_hessian(density, mode):
-    """``H⁻¹`` of ``-density`` at its mode ``(D,)``, from central differences of the gradient
-    at ``η̂ ± ε e_j`` (``density`` maps points ``(n, D)`` to ``(n,)``: one vectorized
-    evaluation); ``None`` unless finite and positive definite."""
+def hessian_precision(density, mode):
+    """``H`` of ``-density`` at ``mode`` ``(D,)`` (float64, symmetrized), from central
+    differences of the gradient at ``η̂ ± ε e_j`` (``density`` maps points ``(n, D)`` to
+    ``(n,)``: one vectorized evaluation); ``None`` unless finite."""
     dim = mode.numel()
     steps = HESSIAN_STEP * torch.eye(dim, dtype=mode.dtype, device=mode.device)
     points = torch.cat([mode + steps, mode - steps]).requires_grad_()
-    with torch.enable_grad():
-        (gradient,) = torch.autograd.grad(density(points).sum(), points)
+    try:
+        with torch.enable_grad():
+            (gradient,) = torch.autograd.grad(density(points).sum(), points)
+    except (ValueError, torch.linalg.LinAlgError):
+        return None
     hessian = (gradient[:dim] - gradient[dim:]) / (2 * HESSIAN_STEP)
     precision = -0.5 * (hessian + hessian.mT).double()
+    return precision if bool(torch.isfinite(precision).all()) else None
+
+
+def inverse_hessian(density, mode):
+    """``H⁻¹`` of ``-density`` at its mode ``(D,)`` (:func:`hessian_precision`); ``None``
+    unless finite and positive definite."""
+    precision = hessian_precision(density, mode)
+    return None if precision is None else _inverse(precision, mode.dtype)
+
+
+def _inverse(precision, dtype):
+    """``precision⁻¹`` in ``dtype``; ``None`` unless positive definite."""
     factor, info = torch.linalg.cholesky_ex(precision)
     if info.item() != 0 or not torch.isfinite(factor).all():
         return None
-    return torch.cholesky_inverse(factor).to(mode.dtype)
+    return torch.cholesky_inverse(factor).to(dtype)
 
 
 def set_family(family, loc, covariance):

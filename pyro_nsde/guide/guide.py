@@ -224,17 +224,22 @@ class GirsanovGuide(AutoGuide):
         self.nesting = None
         if any(site.conditional.fits for site in self.sites.values()):
             # One more run of the model (it draws random numbers, so only where needed): the
-            # plate nesting with the observed sites' plates included.
-            trace = poutine.block(poutine.trace(self.raw_model).get_trace)(*args, **kwargs)
+            # plate nesting with the observed sites' plates included. A path drawn with
+            # parameters drawn from the prior may diverge: then on the prototype's values.
+            values = {
+                name: site["value"].detach()
+                for name, site in self.prototype_trace.iter_stochastic_nodes()
+            }
+            try:
+                trace = poutine.block(poutine.trace(self.raw_model).get_trace)(*args, **kwargs)
+            except ValueError:
+                conditioned = poutine.condition(self.raw_model, data=values)
+                trace = poutine.block(poutine.trace(conditioned).get_trace)(*args, **kwargs)
             self.nesting = plate_nesting(trace)
             with torch.no_grad(), outside_inference():
                 if subsampled:
                     self.refresh_all(*args, **kwargs)
                 else:
-                    values = {
-                        name: site["value"].detach()
-                        for name, site in self.prototype_trace.iter_stochastic_nodes()
-                    }
                     self._fit_paths(values, self._create_plates(*args, **kwargs), args, kwargs)
         if self.options.init_latents == "laplace" and self.latent_guide is not None:
             latent_values(self.latent_guide, args, kwargs, median=True)  # sets the family up

@@ -22,6 +22,7 @@ parameters and broadcasts them from the right (``alpha[..., None]``, and
 :func:`per_coordinate` for vectors), as :class:`~pyro_nsde.EulerMaruyama` requires.
 """
 
+import copy
 import itertools
 import math
 from abc import ABC, abstractmethod
@@ -123,6 +124,15 @@ class LatentSDEModel(ABC):
         self.obs_times = obs_times
         self.times, self.obs_index = observation_grid(obs_times, steps_per_unit)
         self.steps_per_unit = steps_per_unit
+
+    def with_obs_times(self, obs_times: torch.Tensor) -> "LatentSDEModel":
+        """The same model (parameters, networks, priors) observed at ``obs_times``: with the
+        model's own times first, its grid starts with the model's grid (each gap is split on
+        its own), so posterior paths continue onto it."""
+        model = copy.copy(self)
+        model.obs_times = obs_times
+        model.times, model.obs_index = observation_grid(obs_times, self.steps_per_unit)
+        return model
 
     @abstractmethod
     def sample_parameters(self, series: pyro.plate) -> dict:
@@ -322,6 +332,155 @@ class OrnsteinUhlenbeck(LatentSDEModel):
         return dist.Normal(states, params["sigma_obs"])
 
 
+class LocalLinearTrend(LatentSDEModel):
+    r"""A level that integrates a mean-reverting slope, observed with Gaussian noise: the
+    continuous-time local linear trend (an integrated Ornstein–Uhlenbeck process). Per series
+    ``i``, with level ``x_i`` and slope ``v_i``:
+
+        ``dx_i = v_i dt + σ_i dW_i``,
+        ``dv_i = κ_i (β_i - v_i) dt + ω_i dB_i``,   ``y_{n,i} ~ Normal(x_i(t_n), τ_i)``.
+
+    The slope reverts to the long-run drift ``β_i`` at rate ``κ_i``: for large ``κ`` the level
+    is a random walk with drift ``β`` (ARIMA(0,1,q) with a constant, in the limit), for small
+    ``κ`` the slope itself wanders (an integrated random walk, ARIMA(0,2,q)); the posterior of
+    ``κ`` weighs the two. The forecast continues the recent slope and relaxes it to ``β``.
+
+    For data standardized to mean 0 and scale 1 and time in median gaps between observations
+    (the priors assume it): ``κ ~ LogNormal(log 0.3, 1)``, ``β ~ Normal(0, 0.1)``,
+    ``σ ~ LogNormal(log 0.1, 1.5)``, ``ω ~ LogNormal(log 0.02, 1.5)``,
+    ``τ ~ LogNormal(log 0.1, 1.5)``, ``x_0 ~ Normal(0, 2)``, ``v_0 ~ Normal(0, 0.2)``.
+
+    Sites: ``kappa``, ``beta``, ``sigma_level``, ``sigma_slope``, ``sigma_obs`` in the
+    ``"series"`` plate; ``x`` (event ``(K+1, 2D)``: the ``D`` levels, then the ``D`` slopes);
+    ``y`` ``(N, D)``.
+
+    :param torch.Tensor obs_times: ``(N,)`` observation times.
+    :param int obs_dim: ``D``, the number of observed series.
+    :param float steps_per_unit: Euler–Maruyama steps per unit of time.
+    """
+
+    def __init__(self, obs_times: torch.Tensor, obs_dim: int, *, steps_per_unit: float = 4.0):
+        super().__init__(obs_times, steps_per_unit)
+        self.obs_dim, self.state_dim = obs_dim, 2 * obs_dim
+
+    def sample_parameters(self, series: pyro.plate) -> dict:
+        zero = self.obs_times.new_tensor(0.0)
+        priors = {
+            "kappa": dist.LogNormal(zero + math.log(0.3), 1.0),
+            "beta": dist.Normal(zero, 0.1),
+            "sigma_level": dist.LogNormal(zero + math.log(0.1), 1.5),
+            "sigma_slope": dist.LogNormal(zero + math.log(0.02), 1.5),
+            "sigma_obs": dist.LogNormal(zero + math.log(0.1), 1.5),
+        }
+        with series:
+            return {name: pyro.sample(name, prior) for name, prior in priors.items()}
+
+    def drift(self, params: dict):
+        kappa, beta = per_coordinate(params["kappa"]), per_coordinate(params["beta"])
+        num = self.obs_dim
+
+        def local_linear_trend(t, x):
+            slope = x[..., num:]
+            relax = kappa * (beta - slope)
+            return torch.cat([slope.expand_as(relax), relax], dim=-1)
+
+        return local_linear_trend
+
+    def diffusion(self, params: dict) -> torch.Tensor:
+        return per_coordinate(torch.cat([params["sigma_level"], params["sigma_slope"]], dim=-1))
+
+    def init(self, params: dict) -> dist.Distribution:
+        scale = torch.cat(
+            [
+                self.obs_times.new_full((self.obs_dim,), 2.0),
+                self.obs_times.new_full((self.obs_dim,), 0.2),
+            ]
+        )
+        return dist.Normal(torch.zeros_like(scale), scale).to_event(1)
+
+    def likelihood(self, states: torch.Tensor, params: dict) -> dist.Distribution:
+        return dist.Normal(states[..., : self.obs_dim], params["sigma_obs"])
+
+
+class Seasonal(LatentSDEModel):
+    r"""A model plus a stochastic cycle of known period per series, added to what each series
+    observes (Harvey's trend-cycle decomposition in continuous time): with ``ω_i = 2π/period_i``,
+
+        ``dc_i = (-γ_i c_i - ω_i s_i) dt + ς_i dW'_i``,
+        ``ds_i = (ω_i c_i - γ_i s_i) dt + ς_i dW''_i``,
+
+    and the ``base`` model's observation of coordinate ``i`` made of ``x_i + c_i``. The cycle
+    ``(c, s)`` turns at the angular frequency ``ω`` and is damped at the rate ``γ``; its noise
+    lets its amplitude and phase drift. Priors (standardized data, time in median gaps):
+    ``γ ~ LogNormal(log 0.05, 1)``, ``ς ~ LogNormal(log 0.05, 1.5)``, ``(c_0, s_0) ~
+    Normal(0, 1)``; the base model's own. An Euler–Maruyama step multiplies an undamped
+    cycle's amplitude by ``sqrt(1 + ω²h²)``: the chain's cycle persists for ``γ ≈ ω²h/2``,
+    which the prior allows.
+
+    Sites: the base model's, and ``damping``, ``sigma_cycle`` in the ``"series"`` plate;
+    ``x`` (event ``(K+1, d + 2D)``: the base's ``d`` coordinates, then the ``c``, then the
+    ``s``).
+
+    :param LatentSDEModel base: a model whose ``D`` series observe its first ``D`` coordinates
+        (:class:`OrnsteinUhlenbeck`, :class:`LocalLinearTrend`) and whose :meth:`init` is an
+        independent normal.
+    :param periods: the cycle's period per series (``(D,)`` or a number), in time units.
+    """
+
+    def __init__(self, base: LatentSDEModel, periods):
+        super().__init__(base.obs_times, base.steps_per_unit)
+        self.base = base
+        like = base.obs_times
+        periods = torch.as_tensor(periods, dtype=like.dtype, device=like.device)
+        self.periods = periods.expand(base.obs_dim).clone()
+        self.obs_dim, self.state_dim = base.obs_dim, base.state_dim + 2 * base.obs_dim
+
+    def sample_parameters(self, series: pyro.plate) -> dict:
+        params = self.base.sample_parameters(series)
+        zero = self.obs_times.new_tensor(0.0)
+        with series:
+            params["damping"] = pyro.sample("damping", dist.LogNormal(zero + math.log(0.05), 1.0))
+            params["sigma_cycle"] = pyro.sample(
+                "sigma_cycle", dist.LogNormal(zero + math.log(0.05), 1.5)
+            )
+        return params
+
+    def drift(self, params: dict):
+        base = self.base.drift(params)
+        damping = per_coordinate(params["damping"])
+        omega = 2 * math.pi / self.periods
+        inner, num = self.base.state_dim, self.obs_dim
+
+        def seasonal(t, x):
+            cos, sin = x[..., inner : inner + num], x[..., inner + num :]
+            parts = [base(t, x[..., :inner]), -damping * cos - omega * sin]
+            parts.append(omega * cos - damping * sin)
+            return _cat_last(parts)
+
+        return seasonal
+
+    def diffusion(self, params: dict) -> torch.Tensor:
+        cycle = per_coordinate(params["sigma_cycle"])
+        return _cat_last([self.base.diffusion(params), cycle, cycle])
+
+    def init(self, params: dict) -> dist.Distribution:
+        base = self.base.init(params).base_dist
+        zeros = self.obs_times.new_zeros(2 * self.obs_dim)
+        loc = _cat_last([base.loc, zeros])
+        return dist.Normal(loc, _cat_last([base.scale, zeros + 1.0])).to_event(1)
+
+    def likelihood(self, states: torch.Tensor, params: dict) -> dist.Distribution:
+        inner, num = self.base.state_dim, self.obs_dim
+        observed = states[..., :num] + states[..., inner : inner + num]
+        return self.base.likelihood(_cat_last([observed, states[..., num:inner]]), params)
+
+
+def _cat_last(parts) -> torch.Tensor:
+    """Concatenate along the last dim, broadcasting the others."""
+    batch = torch.broadcast_shapes(*(part.shape[:-1] for part in parts))
+    return torch.cat([part.expand(*batch, part.shape[-1]) for part in parts], dim=-1)
+
+
 class NeuralSDE(LatentSDEModel):
     r"""A latent SDE with a neural drift, observed with Gaussian noise on its first ``D``
     coordinates.
@@ -396,9 +555,11 @@ class NeuralSDE(LatentSDEModel):
 
 __all__ = [
     "LatentSDEModel",
+    "LocalLinearTrend",
     "LotkaVolterra",
     "NeuralSDE",
     "OrnsteinUhlenbeck",
+    "Seasonal",
     "observation_grid",
     "per_coordinate",
     "states_at",
