@@ -191,11 +191,22 @@ def _write_outputs(out: Path, idata, losses, future, units, observations, parame
 def _draw_observation_bands(axes, table):
     """The 50 % and 90 % predictive intervals of future observations (``forecast.csv``) on
     the forecast figure: series ``i`` observes the path's coordinate ``i`` (row ``i``)."""
-    for row, (name, rows) in enumerate(table.groupby("series", sort=False)):
+    labels = ("observation 90%", "observation 50%")
+    for row, (_, rows) in enumerate(table.groupby("series", sort=False)):
         axis = axes[row, 0]
-        for low, high, alpha in (("q05", "q95", 0.15), ("q25", "q75", 0.3)):
-            axis.fill_between(rows["time"], rows[low], rows[high], color="C3", alpha=alpha, lw=0)
-        axis.plot(rows["time"], rows["q50"], color="C3", lw=1, label=f"{name}: next observation")
+        for (low, high, alpha), label in zip(
+            (("q05", "q95", 0.15), ("q25", "q75", 0.3)), labels, strict=True
+        ):
+            axis.fill_between(
+                rows["time"], rows[low], rows[high], color="C3", alpha=alpha, lw=0, label=label
+            )
+        axis.plot(rows["time"], rows["q50"], color="C3", lw=1, label="observation median")
+    # The figure's legend (below the panels) was drawn before the bands: draw it again.
+    figure = axes[0, 0].figure
+    for legend in figure.legends:
+        legend.remove()
+    handles, names = axes[0, 0].get_legend_handles_labels()
+    figure.legend(handles, names, loc="outside lower center", ncols=3)
 
 
 def _coverage(idata) -> dict:
