@@ -284,3 +284,18 @@ def test_fit_with_a_period_adds_a_cycle_to_the_model(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["fit", str(data), "--time", "month", "--model", "neural", "--period", "6", *QUICK])
     assert "--period adds a cycle to the trend and ou models" in capsys.readouterr().err
+
+
+def test_forecast_times_are_the_held_out_times_as_written(tmp_path):
+    """Monthly times in years (fractions that no short decimal writes): forecast.csv gives the
+    held-out rows' times exactly, so that it joins the data on time."""
+    rng = np.random.default_rng(6)
+    times = [2000 + k / 12 for k in range(30)]
+    rows = ["t,y"] + [f"{t!r},{v:.3f}" for t, v in zip(times, rng.normal(size=30), strict=True)]
+    data = tmp_path / "monthly.csv"
+    data.write_text("\n".join(rows) + "\n")
+    out = tmp_path / "out"
+    argv = ["fit", str(data), "--time", "t", "--model", "ou", "--holdout", "3"]
+    assert main([*argv, "--out", str(out), *QUICK]) == 0
+    _, rows = read_csv(out / "forecast.csv")
+    assert [float(r["time"]) for r in rows] == times[-3:]

@@ -165,7 +165,7 @@ def _write_outputs(out: Path, idata, losses, future, units, observations, parame
     arviz_adapter.to_netcdf(idata, files["posterior"])
     summary = arviz_adapter.summary(idata, var_names=parameters, hdi_prob=0.9)
     summary.to_csv(files["summary"], float_format="%.6g")
-    table.to_csv(files["forecast table"], index=False, float_format="%.6g")
+    table.to_csv(files["forecast table"], index=False)  # full precision: times join the data
 
     paths = _in_data_units(arviz_adapter.group(idata, "posterior")["x"], **units)
     future = _in_data_units(future, **units)
@@ -386,7 +386,13 @@ def run_fit(args) -> dict:
         model, scaled.values, coords, future, future_obs, args, particles=particles
     )
     losses, idata, path, draws = fitted
-    times = t0 + unit * future_obs.double().numpy()
+    # In the time column's own values: the held-out rows' times as read, else the last row's
+    # time plus whole median gaps.
+    if held_out is not None:
+        times = held_out.times.numpy()
+    else:
+        gaps = np.arange(1, len(future_obs) + 1, dtype=np.float64)
+        times = series.times[-1].item() + unit * gaps
     table = forecast_table(draws, times, series.columns, loc.numpy(), scale.numpy())
     if isinstance(model, OrnsteinUhlenbeck):
         note = overshoot_note(
