@@ -45,7 +45,7 @@ def test_forecast_observations_have_the_exact_predictive_quantiles(default_dtype
     samples["x"] = path.expand(num_draws, -1, -1)
     future = torch.tensor([2.5, 3.0, 4.0])
     torch.manual_seed(0)
-    draws = forecast_observations(model, samples, future, torch.zeros(3, 1))
+    draws, _ = forecast_observations(model, samples, future, torch.zeros(3, 1))
     assert draws.shape == (num_draws, 3, 1)
     table = forecast_table(draws, future.numpy() + 1900, ["level"], loc=[100.0], scale=[10.0])
     assert list(table.columns) == COLUMNS
@@ -80,7 +80,7 @@ def test_local_linear_trend_forecast_continues_the_slope(default_dtype):
     known = {"kappa": 0.4, "beta": 0.1, "sigma_level": 1e-9, "sigma_slope": 1e-9}
     samples = {k: torch.full((num, 1), v) for k, v in {**known, "sigma_obs": 1e-9}.items()}
     samples["x"] = torch.tensor([[0.0, 0.5]] * model.times.shape[0]).expand(num, -1, -1)
-    draws = forecast_observations(model, samples, torch.tensor([2.0]), torch.zeros(2, 1))
+    draws, _ = forecast_observations(model, samples, torch.tensor([2.0]), torch.zeros(2, 1))
     level, slope = 0.0, 0.5
     for _ in range(4):
         level, slope = level + 0.25 * slope, slope + 0.25 * 0.4 * (0.1 - slope)
@@ -221,7 +221,7 @@ def test_draws_that_diverge_on_the_forecast_grid_are_left_out_with_a_warning(def
         "x": torch.ones(3, model.times.shape[0], 1),
     }
     with pytest.warns(RuntimeWarning, match="1 of 3 draws diverged"):
-        draws = forecast_observations(model, samples, torch.tensor([200.0]), torch.zeros(2, 1))
+        draws, _ = forecast_observations(model, samples, torch.tensor([200.0]), torch.zeros(2, 1))
     assert draws.shape == (2, 1, 1) and torch.isfinite(draws).all()
 
 

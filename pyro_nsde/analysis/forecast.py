@@ -183,7 +183,7 @@ def forecast(
     return xarray.DataArray(values, dims=(*SAMPLE_DIMS, *dims), coords=coords, name=site)
 
 
-def forecast_observations(model, posterior, future_times, y, *, site: str = "x") -> torch.Tensor:
+def forecast_observations(model, posterior, future_times, y, *, site: str = "x"):
     """Draws of the observations of a ready-made model
     (:class:`~pyro_nsde.zoo.models.LatentSDEModel`) at ``future_times``, observation noise
     included: each posterior draw's path is continued onto the grid of the model observed at
@@ -195,8 +195,10 @@ def forecast_observations(model, posterior, future_times, y, *, site: str = "x")
     :param torch.Tensor future_times: ``(J,)`` times after the model's last observation time.
     :param torch.Tensor y: ``(N, D)`` the data of the fit.
     :param str site: the path site.
-    :returns: ``(S, J, D)`` draws, in the model's units; draws whose path diverges on the
-        extended grid (an unstable Euler–Maruyama step, :func:`forecast` warns) are left out.
+    :returns: ``(draws, path)``: the observation draws ``(S, J, D)`` in the model's units,
+        without the draws whose path diverges on the extended grid (an unstable
+        Euler–Maruyama step, :func:`forecast` warns), and the continued paths on that grid
+        (:func:`forecast`'s result, every draw).
     """
     future_times = torch.as_tensor(future_times, dtype=model.obs_times.dtype)
     extended = model.with_obs_times(torch.cat([model.obs_times, future_times]))
@@ -217,7 +219,7 @@ def forecast_observations(model, posterior, future_times, y, *, site: str = "x")
     trace, sites, _ = conditioned_trace(extended, samples, (None,), {})
     info = sites["y"]
     draws = per_draw(trace.nodes["y"]["value"], continued.shape[0], info.pad, info.shape)
-    return draws[:, model.obs_times.shape[-1] :]
+    return draws[:, model.obs_times.shape[-1] :], path
 
 
 def forecast_table(draws, times, columns, loc=0.0, scale=1.0) -> "pandas.DataFrame":

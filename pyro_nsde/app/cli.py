@@ -165,7 +165,9 @@ def _write_outputs(out: Path, idata, losses, future, units, observations, parame
     arviz_adapter.to_netcdf(idata, files["posterior"])
     summary = arviz_adapter.summary(idata, var_names=parameters, hdi_prob=0.9)
     summary.to_csv(files["summary"], float_format="%.6g")
-    table.to_csv(files["forecast table"], index=False)  # full precision: times join the data
+    # Times at full precision (they join the data), the quantiles to 6 digits.
+    exact = table.assign(time=[repr(float(t)) for t in table["time"]])
+    exact.to_csv(files["forecast table"], index=False, float_format="%.6g")
 
     paths = _in_data_units(arviz_adapter.group(idata, "posterior")["x"], **units)
     future = _in_data_units(future, **units)
@@ -233,23 +235,17 @@ def _svi_steps(steps: int | None) -> str:
     return "SVI until converged" if steps is None else f"{steps} SVI steps"
 
 
-def _forecast_times(last: float, horizon: float, step: float) -> torch.Tensor:
-    """``last + step, last + 2 step, ..., last + horizon`` (the last point exactly)."""
-    num = max(1, math.ceil(horizon / step - 1e-9))
-    return last + horizon * torch.arange(1, num + 1, dtype=torch.get_default_dtype()) / num
-
-
 # --------------------------------------------------------------------------- commands
 
 
-def _fit_and_forecast(model, values, coords, future, future_obs, args, particles=None):
+def _fit_and_forecast(model, values, coords, future_obs, args, particles=None):
     """Fit ``model`` to ``values`` with a ``GirsanovGuide`` (its defaults; for a neural model
     :data:`NEURAL_GUIDE_OPTIONS`) and :func:`~pyro_nsde.fit_svi`, convert the posterior to ArviZ
-    (importance-resampled where its Pareto ``k̂`` allows), forecast the path at ``future``
-    times and draw the observations at ``future_obs`` times: ``(losses, idata, forecast path,
-    observation draws (S, J, D))``."""
+    (importance-resampled where its Pareto ``k̂`` allows), and forecast the path and the
+    observations at the ``future_obs`` times (the path on the model's grid continued to them):
+    ``(losses, idata, forecast path, observation draws (S, J, D))``."""
     # Imported here, not at the top: ArviZ and xarray are slow to import and --help needs neither.
-    from ..analysis.forecast import forecast, forecast_observations
+    from ..analysis.forecast import forecast_observations
     from ..analysis.inference_data import to_inference_data
 
     options = NEURAL_GUIDE_OPTIONS if isinstance(model, NeuralSDE) else {}
@@ -293,8 +289,8 @@ def _fit_and_forecast(model, values, coords, future, future_obs, args, particles
         )
     if not args.quiet:
         print(f"fit: {seconds:.1f} s ({len(losses)} SVI steps and the posterior draws)")
-    path = None if future is None else forecast(model, idata, future, model_args=(values,))
-    return losses, idata, path, forecast_observations(model, idata, future_obs, values)
+    draws, path = forecast_observations(model, idata, future_obs, values)
+    return losses, idata, path, draws
 
 
 def run_demo(args) -> dict:
@@ -319,9 +315,12 @@ def run_demo(args) -> dict:
         "state": ["log_hare", "log_lynx"],
     }
     horizon = args.forecast_to - last_year
-    future = _forecast_times(float(years[-1]), horizon, 1.0 / args.steps_per_year)
-    future_obs = float(years[-1]) + torch.arange(1, math.floor(horizon) + 1, dtype=years.dtype)
-    fitted = _fit_and_forecast(model, data.values, coords, future, future_obs, args)
+    # Yearly, and the last year asked for if it is not a whole number of years on.
+    ahead = torch.arange(1, math.floor(horizon) + 1, dtype=years.dtype)
+    if math.floor(horizon) < horizon:
+        ahead = torch.cat([ahead, ahead.new_tensor([horizon])])
+    future_obs = float(years[-1]) + ahead
+    fitted = _fit_and_forecast(model, data.values, coords, future_obs, args)
     losses, idata, path, draws = fitted
     table = forecast_table(draws, future_obs.numpy() + first_year, data.columns)
     # Years since the first observation → calendar years.
@@ -379,12 +378,8 @@ def run_fit(args) -> dict:
         "coordinates": state_names,
     }
     future_obs = _future_observation_times(scaled, held_out, t0, unit, args.forecast)
-    last = float(scaled.times[-1])
-    future = _forecast_times(last, float(future_obs[-1]) - last, 1.0 / args.steps_per_unit)
     particles = None if args.model == "neural" else FIT_PARTICLES
-    fitted = _fit_and_forecast(
-        model, scaled.values, coords, future, future_obs, args, particles=particles
-    )
+    fitted = _fit_and_forecast(model, scaled.values, coords, future_obs, args, particles=particles)
     losses, idata, path, draws = fitted
     # In the time column's own values: the held-out rows' times as read, else the last row's
     # time plus whole median gaps.
