@@ -23,6 +23,7 @@ from pyro_nsde.analysis.backtest import (
     differences,
     interval_score,
     scores,
+    stationary,
 )
 from pyro_nsde.analysis.forecast import QUANTILES, forecast_observations, forecast_table
 from pyro_nsde.app.cli import choose_model, dominant_period, main
@@ -188,23 +189,33 @@ def test_holdout_must_leave_rows_to_fit(tmp_path, capsys):
     assert "at least 1 must be held out and 3 kept" in capsys.readouterr().err
 
 
-def test_auto_model_follows_a_kpss_test_and_the_periodogram(capsys):
+def test_auto_model_follows_stationarity_tests_and_the_periodogram(capsys):
     rng = np.random.default_rng(3)
     times = torch.arange(120.0, dtype=torch.float64)
     noise = torch.tensor(rng.normal(size=(120, 2)))
 
-    def choose(values):
+    def choose(values, names=("a", "b")):
         args = argparse.Namespace(period=None)
-        return choose_model(TimeSeries(times, values, ["a", "b"], "t"), args), args.period
+        series = TimeSeries(times[: len(values)], values, list(names), "t")
+        return choose_model(series, args), args.period
 
     assert choose(noise) == ("ou", None)
     wandering = torch.stack([noise[:, 0], noise[:, 1].cumsum(0)], dim=1)
     assert choose(wandering) == ("trend", None)
-    assert "unit root in b" in capsys.readouterr().out
+    assert "b not found stationary" in capsys.readouterr().out
     seasonal = noise + 3 * torch.sin(2 * math.pi * times / 12)[:, None]
     model, period = choose(seasonal)
     assert model == "ou" and period == pytest.approx(12.0, rel=0.05)
     assert "a cycle of period 12 t (periodogram)" in capsys.readouterr().out
+    # 44 rows of a persistent AR(1): the KPSS test passes it, the Dickey-Fuller test cannot
+    # reject a unit root; the data cannot tell, and the trend model is taken.
+    rng = np.random.default_rng(0)
+    persistent = np.zeros(44)
+    for t in range(1, 44):
+        persistent[t] = 0.9 * persistent[t - 1] + rng.normal()
+    assert differences(persistent) == 0 and not stationary(persistent)
+    assert choose(torch.tensor(persistent)[:, None], ["c"]) == ("trend", None)
+    assert "c not found stationary" in capsys.readouterr().out
 
 
 def test_draws_that_diverge_on_the_forecast_grid_are_left_out_with_a_warning(default_dtype):
@@ -223,6 +234,12 @@ def test_draws_that_diverge_on_the_forecast_grid_are_left_out_with_a_warning(def
     with pytest.warns(RuntimeWarning, match="1 of 3 draws diverged"):
         draws, _ = forecast_observations(model, samples, torch.tensor([200.0]), torch.zeros(2, 1))
     assert draws.shape == (2, 1, 1) and torch.isfinite(draws).all()
+    # theta * h = 2.5: each step multiplies the deviation from mu by -1.5; 36 steps later the
+    # draw is finite but 10^6 times its fitted range, and is left out too.
+    samples["theta"] = torch.tensor([[0.5], [10.0], [1.0]])
+    with pytest.warns(RuntimeWarning, match="1 of 3 draws grew past 1000 times"):
+        draws, _ = forecast_observations(model, samples, torch.tensor([10.0]), torch.zeros(2, 1))
+    assert draws.shape == (2, 1, 1) and draws.abs().max() < 10
 
 
 def test_seasonal_drift_rotates_the_cycle_and_the_series_observe_level_plus_cycle():

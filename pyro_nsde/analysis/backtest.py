@@ -96,6 +96,27 @@ def differences(values: np.ndarray, max_d: int = 2) -> int:
     return max_d
 
 
+def stationary(values: np.ndarray, level: float = 0.05) -> bool:
+    """Whether both tests find ``values`` (``NaN`` missing) level-stationary at ``level``: the
+    KPSS test (null: stationary) does not reject and the augmented Dickey–Fuller test (null: a
+    unit root; a constant, lags by AIC) rejects. Where the two disagree the data cannot tell;
+    :func:`~pyro_nsde.app.cli.choose_model` then forecasts with the trend model, whose loss on
+    a stationary series is the smaller one (see its docstring). A series too short for the
+    Dickey–Fuller regression is judged by the KPSS test alone."""
+    from statsmodels.tsa.stattools import adfuller
+
+    series = values[~np.isnan(values)]
+    if differences(series, max_d=1) > 0:
+        return False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            p_value = adfuller(series, regression="c", autolag="AIC")[1]
+    except (ValueError, np.linalg.LinAlgError):
+        return True
+    return bool(p_value < level)
+
+
 def auto_arima(values, max_order: int = 3, max_total: int = 4):
     """The ARIMA of the module docstring fitted to ``values`` ``(n,)`` (``NaN`` missing): a
     statsmodels results object (``get_forecast`` gives the predictive law)."""
@@ -139,4 +160,5 @@ __all__ = [
     "differences",
     "interval_score",
     "scores",
+    "stationary",
 ]
