@@ -101,11 +101,29 @@ SERIES = {
     "fertility_japan": _fertility("Japan"),
 }
 
+#: Series that took no part in choosing the defaults (``--set validation``): other columns of
+#: the same data sets, and other countries.
+VALIDATION = {
+    "realcons": _macro("realcons"),
+    "realinv": _macro("realinv"),
+    "m1": _macro("m1"),
+    "tbilrate": _macro("tbilrate"),
+    "realint": _macro("realint"),
+    "pop": _macro("pop"),
+    "danish_lry": _danish("lry"),
+    "danish_lpy": _danish("lpy"),
+    "danish_ide": _danish("ide"),
+    "fertility_usa": _fertility("United States"),
+    "fertility_china": _fertility("China"),
+    "fertility_brazil": _fertility("Brazil"),
+    "fertility_germany": _fertility("Germany"),
+}
+
 
 def run(name, model, folder, extra):
     import statsmodels.api as sm
 
-    data = SERIES[name](sm)
+    data = {**SERIES, **VALIDATION}[name](sm)
     path = folder / f"{name}.csv"
     data.to_csv(path, index=False)
     out = folder / f"{name}_{model}"
@@ -129,10 +147,19 @@ def run(name, model, folder, extra):
 
 def main_():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--series", nargs="+", default=list(SERIES))
+    parser.add_argument("--series", nargs="+", default=None, help="default: all of --set")
+    parser.add_argument(
+        "--set",
+        choices=("tuning", "validation"),
+        default="tuning",
+        help="tuning: the series the defaults were chosen on (the README's table); validation: "
+        "series that took no part in choosing them",
+    )
     parser.add_argument("--model", default=None, help="--model of pyro-nsde fit (default: its)")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[])
     args = parser.parse_args()
+    if args.series is None:
+        args.series = list(SERIES if args.set == "tuning" else VALIDATION)
     tables = []
     with tempfile.TemporaryDirectory() as folder:
         for name in args.series:
