@@ -3,6 +3,7 @@ its defining properties for nonlinear models (a stationary point of the log join
 
 import pyro
 import pyro.distributions as dist
+import pytest
 import torch
 from pyro import poutine
 from reference import step_noise_regressions
@@ -10,7 +11,9 @@ from test_guide import LinearProblem
 
 from pyro_nsde import EulerMaruyama
 from pyro_nsde.guide.guide import unwrap_path_distribution
-from pyro_nsde.posterior.laplace import laplace, linearize, quadratic_sites
+from pyro_nsde.posterior.gauss_markov import GaussMarkovEulerMaruyama, LinearControl
+from pyro_nsde.posterior.laplace import coefficients_of, laplace, linearize, quadratic_sites
+from pyro_nsde.sde.euler_maruyama import simulate
 
 F64 = torch.float64
 
@@ -120,3 +123,34 @@ def test_mode_search_steps_off_a_saddle_and_steps_back_from_a_diverged_point(def
     mode, precision = find_mode(density, start)
     assert abs(abs(mode[0].item()) - 1) < 1e-3 and abs(mode[1].item() - 0.3) < 1e-3
     assert torch.linalg.eigvalsh(precision).min() > 0
+
+
+@pytest.mark.parametrize(
+    "diffusion, noise_type",
+    [(((0.0,), (0.8,)), "general"), (((0.3, 0.0), (0.1, 0.8)), "general")],
+    ids=["velocity_noise", "full_noise"],
+)
+def test_diagonal_gains_keep_the_fitted_mean_path(default_dtype, diffusion, noise_type):
+    """A fit projected onto diagonal gains (``diag B_k`` kept, the rest moved into ``a_k`` at
+    the mean path) drives the chain along the fit's mean path, with or without noise on every
+    coordinate, while its gains do differ from the fit's."""
+    default_dtype(F64)
+    problem = LinearProblem(
+        ((0.0, 1.0), (-4.0, -0.2)), diffusion, ((1.0, 0.0),), noise_type, 60, 3, 0.05, 3.0
+    )
+    prior, log_likelihood = _prior_and_likelihood(problem.model, problem.y)
+    posterior, path = laplace(prior, log_likelihood)
+    coefficients = {}
+    for gain in ("full", "diagonal"):
+        pyro.clear_param_store()  # the two controls' parameters have the same names
+        control = LinearControl(prior.num_steps, 2, prior.noise_dim, covariance="full", gain=gain)
+        with torch.no_grad():
+            for name, value in coefficients_of(control.double(), posterior).items():
+                setattr(control, name, value)
+        coefficients[gain] = GaussMarkovEulerMaruyama(prior, control).control
+        eps = torch.zeros(prior.num_steps, prior.noise_dim, dtype=F64)
+        mean, _ = simulate(prior, posterior.init_loc, eps, control=coefficients[gain])
+        assert torch.allclose(mean, path, atol=1e-8)
+    assert coefficients["diagonal"].gain.shape == (prior.num_steps, 2)
+    off_diagonal = coefficients["full"].gain[:, 1, 0].abs().max()
+    assert off_diagonal > 0.1  # the fit's gains couple the coordinates

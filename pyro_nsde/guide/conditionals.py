@@ -430,7 +430,8 @@ def _sensitivities(fits, control, step):
     of ``S``'s diagonal, whose rows :class:`~pyro_nsde.posterior.controls.PerStepCoefficients`
     scales)."""
     n = control.param_dim
-    columns = [fits["loc"], fits["gain"].flatten(-2)]
+    gain = fits["gain"]
+    columns = [fits["loc"], gain if control.diagonal_gain else gain.flatten(-2)]
     if "scale" in fits:
         scale = fits["scale"]
         diagonal = scale if control.covariance == "diagonal" else scale.diagonal(dim1=-2, dim2=-1)

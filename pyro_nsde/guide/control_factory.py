@@ -18,6 +18,7 @@ class ControlSettings:
     :ivar torch.Size batch: one set of per-step coefficients per batch element (series, at
         full plate sizes).
     :ivar str covariance: the increment covariance (``"prior"``, ``"diagonal"``, ``"full"``).
+    :ivar str gain: the per-step gains of a linear control (``"full"``, ``"diagonal"``).
     :ivar int context_dim: the size of an encoder's context (0: none).
     :ivar int param_dim: how many unconstrained parameters the coefficients follow (0: none).
     :ivar float step_scale: optimizer step scale of coefficients that start at a fit.
@@ -27,6 +28,7 @@ class ControlSettings:
     site: str
     batch: torch.Size
     covariance: str
+    gain: str = "full"
     context_dim: int = 0
     param_dim: int = 0
     step_scale: float = 1.0
@@ -63,7 +65,12 @@ def _linear(prior: EulerMaruyama, settings: ControlSettings):
     check_linear_family(prior, state_scale or not state_dependent, state_dependent)
     options = settings.coefficient_options()
     return LinearControl(
-        prior.num_steps, prior.state_dim, prior.noise_dim, state_scale=state_scale, **options
+        prior.num_steps,
+        prior.state_dim,
+        prior.noise_dim,
+        state_scale=state_scale,
+        gain=settings.gain,
+        **options,
     )
 
 

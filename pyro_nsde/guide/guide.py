@@ -95,6 +95,11 @@ class GirsanovGuide(AutoGuide):
         With ``"full"`` the posterior of ``x_0`` is a full-rank normal (else diagonal), so
         that with an affine or linear control the exact posterior of a linear SDE is in the
         family.
+    :param str gain: the per-step gains of ``control="linear"``: ``"full"`` (``d × d``) or
+        ``"diagonal"`` (``d`` numbers a step and series, a scan of scalars: the cheap family
+        for many long paths, with :func:`~pyro_nsde.subsample_steps` say; see
+        :class:`~pyro_nsde.LinearControl`). Coefficient fits are projected onto it, so the
+        exact posterior of a linear SDE whose coordinates interact is then not in the family.
     :param str latents: the family of the other latent sites, in unconstrained space:
         ``"normal"`` (mean field, :class:`~pyro.infer.autoguide.AutoNormal`),
         ``"multivariate"`` (full-rank correlations,
@@ -148,6 +153,7 @@ class GirsanovGuide(AutoGuide):
         init_scale: float = 0.1,
         estimator: str = "girsanov",
         covariance: str = "auto",
+        gain: str = "full",
         latents: str = "auto",
         latent_rank: int | None = None,
         conditional: str | None = "auto",

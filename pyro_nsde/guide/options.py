@@ -28,7 +28,7 @@ The rule of ``"auto"`` (the configuration the documentation recommends):
 
 import dataclasses
 
-from ..posterior.controls import check_covariance
+from ..posterior.controls import GAINS, check_covariance
 from ..posterior.gauss_markov import check_linear_family
 from ..posterior.girsanov import ESTIMATORS
 from ..sde.checks import check_bool, check_choice, check_positive_int
@@ -56,6 +56,7 @@ class GuideOptions:
     init_scale: float = 0.1
     estimator: str = "girsanov"
     covariance: str = "auto"
+    gain: str = "full"
     latents: str = "auto"
     latent_rank: int | None = None
     conditional: str | None = "auto"
@@ -80,6 +81,7 @@ class GuideOptions:
                 )
         if self.covariance != "auto":
             check_covariance(self.covariance)
+        check_choice("gain", self.gain, GAINS)
         check_choice("latents", self.latents, ("auto", *LATENT_FAMILIES))
         check_positive_int("latent_rank", self.latent_rank, optional=True)
         if self.latent_rank is not None and self.latents != "lowrank":
@@ -148,6 +150,11 @@ def resolve(options: GuideOptions, trace, paths, others, *, encoded: bool, subsa
             f"{local} in the plates of a path (each series' own parameters): the joint mode "
             f"of a population's members and its spread is at zero spread; use "
             f"latents='hierarchical' (the default for them) or init_latents=None"
+        )
+    if options.gain != "full" and any(spec != "linear" for spec in controls.values()):
+        raise ValueError(
+            f"gain={options.gain!r} is for control='linear' (the Gauss-Markov family), but the "
+            f"controls are {controls}"
         )
     control = controls
     if not isinstance(options.control, dict) and len(set(controls.values())) == 1:

@@ -62,6 +62,7 @@ class PathSite:
             site=name,
             batch=self.batch,
             covariance=options.covariance,
+            gain=options.gain,
             context_dim=context_dim,
             param_dim=param_dim,
             step_scale=conditional.step_scale,

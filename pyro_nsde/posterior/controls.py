@@ -20,16 +20,20 @@ exact in form for linear SDEs.
 """
 
 import itertools
+import math
 
 import torch
 from pyro.distributions import constraints
 from pyro.nn import PyroModule, PyroParam
 from torch import nn
 
+from ..sde.checks import check_choice
 from ..sde.grid import time_first
 from .constraints import inverse_softplus, scaled
 
 COVARIANCES = ("prior", "diagonal", "full")
+#: The forms of the per-step gains ``B_k`` of :class:`PerStepCoefficients`.
+GAINS = ("full", "diagonal")
 MIN_SCALE = 1e-4
 """The smallest scale a network head produces (``S`` entries, the guide's ``x_0`` scale from a
 context): ``MIN_SCALE + softplus(·)``. A softplus alone underflows to exactly ``0`` in float32
@@ -155,20 +159,24 @@ class StepCoefficients:
     ``at_all_steps(t, h, x, prior) -> (u, S)`` for all steps at once (``x`` ``(K, ..., d)``).
 
     :param loc: ``(*batch, K, p)``.
-    :param gain: ``(*batch, K, p, d)``.
+    :param gain: ``(*batch, K, p, d)``, or ``(*batch, K, d)`` for a diagonal ``B_k``
+        (``p = d``).
     :param scale: ``None``, ``(*batch, K, s)`` (``"diagonal"``) or ``(*batch, K, s, s)``
         lower-triangular (``"full"``).
     :param str covariance: the kind of ``scale``.
+    :param bool diagonal_gain: whether ``gain`` holds the diagonals of the ``B_k``.
     """
 
-    def __init__(self, loc, gain, scale, covariance):
+    def __init__(self, loc, gain, scale, covariance, diagonal_gain=False):
         self.covariance = covariance
-        self.batch_shape = torch.broadcast_shapes(loc.shape[:-2], gain.shape[:-3])
+        self.diagonal_gain = diagonal_gain
+        gain_dims = 2 if diagonal_gain else 3
+        self.batch_shape = torch.broadcast_shapes(loc.shape[:-2], gain.shape[:-gain_dims])
         if scale is not None:
             extra = 3 if covariance == "full" else 2
             self.batch_shape = torch.broadcast_shapes(self.batch_shape, scale.shape[:-extra])
         self.loc = loc.movedim(-2, 0)
-        self.gain = gain.movedim(-3, 0)
+        self.gain = gain.movedim(-gain_dims, 0)
         self.scale = None if scale is None else scale.movedim(-3 if covariance == "full" else -2, 0)
         # Split into steps once: indexing ``[k]`` at every step would make the backward pass
         # fill a zero tensor of all K steps for each step, O(K²) time.
@@ -197,7 +205,8 @@ class StepCoefficients:
 
     def aligned(self, n: int):
         """``(a, B, S)`` with singleton dims after the step axis, for states of ``n`` dims."""
-        loc, gain = time_first(self.loc, n), time_first(self.gain, n + 1)
+        loc = time_first(self.loc, n)
+        gain = time_first(self.gain, n + (not self.diagonal_gain))
         if self.scale is None:
             return loc, gain, None
         return loc, gain, time_first(self.scale, n + (self.covariance == "full"))
@@ -243,6 +252,8 @@ class PerStepCoefficients(PyroModule):
         smoother, against the noise of stochastic gradients).
     :param int rows: ``p`` (default ``m``: a noise-space control).
     :param int scale_dim: ``s``, the size of ``S_k`` (default ``m``).
+    :param str gain: ``"full"`` (``B_k`` ``p × d``) or ``"diagonal"`` (``B_k`` diagonal,
+        ``p = d``: ``d`` numbers a step instead of ``d²``).
     """
 
     def __init__(
@@ -258,6 +269,7 @@ class PerStepCoefficients(PyroModule):
         *,
         rows: int | None = None,
         scale_dim: int | None = None,
+        gain: str = "full",
     ):
         super().__init__()
         m = state_dim if noise_dim is None else noise_dim
@@ -268,11 +280,18 @@ class PerStepCoefficients(PyroModule):
         p = m if rows is None else rows
         s = m if scale_dim is None else scale_dim
         self._rows = p
+        self.diagonal_gain = check_choice("gain", gain, GAINS) == "diagonal"
+        if self.diagonal_gain and p != state_dim:
+            raise ValueError(f"gain='diagonal' needs {p} rows = state_dim {state_dim}")
         real = scaled(constraints.real, step_scale)
         self.loc = PyroParam(torch.zeros(batch_shape + (num_steps, p)), real, event_dim=2)
+        gain_shape = (p,) if self.diagonal_gain else (p, state_dim)
         self.gain = PyroParam(
-            torch.zeros(batch_shape + (num_steps, p, state_dim)), real, event_dim=3
+            torch.zeros(batch_shape + (num_steps, *gain_shape)),
+            real,
+            event_dim=1 + len(gain_shape),
         )
+        self._gain_shape, self._gain_width = gain_shape, math.prod(gain_shape)
         if covariance == "diagonal":
             self.scale = PyroParam(
                 torch.ones(batch_shape + (num_steps, s)),
@@ -285,7 +304,7 @@ class PerStepCoefficients(PyroModule):
                 scaled(constraints.lower_cholesky, step_scale),
                 event_dim=3,
             )
-        self._width = p + p * state_dim + (0 if covariance == "prior" else s)
+        self._width = p + self._gain_width + (0 if covariance == "prior" else s)
         self.context_head = None
         if context_dim:
             self.context_head = nn.Linear(context_dim, self._width)
@@ -337,11 +356,11 @@ class PerStepCoefficients(PyroModule):
             delta = shift if delta is None else delta + shift
         if delta is None:
             return loc, gain, scale
-        p, d = self._rows, self.state_dim
+        p, width = self._rows, self._gain_width
         loc = loc + delta[..., :p]
-        gain = gain + delta[..., p : p + p * d].unflatten(-1, (p, d))
+        gain = gain + delta[..., p : p + width].unflatten(-1, self._gain_shape)
         if scale is not None:
-            factor = delta[..., p + p * d :].exp()
+            factor = delta[..., p + width :].exp()
             scale = scale * (factor if self.covariance == "diagonal" else factor.unsqueeze(-1))
         return loc, gain, scale
 
@@ -371,6 +390,11 @@ class AffineControl(PerStepCoefficients):
     :param int param_dim: length of the parameter vector they depend on (0: none).
     :param float step_scale: see :class:`PerStepCoefficients`.
     """
+
+    def __init__(self, *args, **kwargs):
+        if kwargs.get("gain", "full") != "full":
+            raise ValueError("AffineControl's gains are full; gain='diagonal' is LinearControl's")
+        super().__init__(*args, **kwargs)
 
     def forward(self, context=None, params=None, base=None, per_step=None) -> AffineCoefficients:
         return AffineCoefficients(

@@ -49,8 +49,9 @@ from .scan import affine_scan
 class LinearCoefficients(StepCoefficients):
     """The coefficients of a :class:`LinearControl` for one call, step-major: the posterior
     drift ``v_k(x) = (a_k + B_k x) / sqrt(h_k)`` (``a`` ``(K, *batch, d)``, ``B`` ``(K, *batch,
-    d, d)``) and the step scale, ``S_k`` in noise space or, with ``state_scale``, the
-    state-space factor ``L_k`` of a diagonal diffusion (``S_k(x) = G(t_k, x)⁻¹ L_k``).
+    d, d)``, or its diagonals ``(K, *batch, d)`` with ``diagonal_gain``) and the step scale,
+    ``S_k`` in noise space or, with ``state_scale``, the state-space factor ``L_k`` of a
+    diagonal diffusion (``S_k(x) = G(t_k, x)⁻¹ L_k``).
 
     As a control (for sequential simulation and for densities of arbitrary paths) it is
     ``u_k(x) = G⁺ (v_k(x) - f(t_k, x))``; it uses the prior's ``(f, G)``.
@@ -58,14 +59,14 @@ class LinearCoefficients(StepCoefficients):
 
     uses_prior = True
 
-    def __init__(self, loc, gain, scale, covariance, state_scale=False):
-        super().__init__(loc, gain, scale, covariance)
+    def __init__(self, loc, gain, scale, covariance, state_scale=False, diagonal_gain=False):
+        super().__init__(loc, gain, scale, covariance, diagonal_gain)
         self.state_scale = state_scale
         self.noise_type = None
 
     def bind(self, prior) -> "LinearCoefficients":
         super().bind(prior)
-        if self.gain.shape[-2] != prior.state_dim:
+        if not self.diagonal_gain and self.gain.shape[-2] != prior.state_dim:
             raise ValueError(
                 f"LinearControl must have state_dim={prior.state_dim} rows, but has "
                 f"{self.gain.shape[-2]}"
@@ -84,7 +85,7 @@ class LinearCoefficients(StepCoefficients):
     def drift(self, h, x):
         """``v_k(x)`` for states ``x`` ``(K, ..., d)`` and steps ``h`` ``(K, ..., 1)``."""
         loc, gain, _ = self.aligned(x.dim())
-        return (loc + matvec(gain, x)) / h.sqrt()
+        return (loc + _times(gain, x, self.diagonal_gain)) / h.sqrt()
 
     def at_all_steps(self, t, h, x, prior=None):
         f, g = prior
@@ -100,9 +101,14 @@ class LinearCoefficients(StepCoefficients):
     def shift(t, h, x, prior, loc, gain, scale, coefficients):
         """``(u_k, S_k)`` of one step (sequential simulation)."""
         f, g = prior
-        v = (loc + matvec(gain, x)) / h.sqrt()
+        v = (loc + _times(gain, x, coefficients.diagonal_gain)) / h.sqrt()
         u = DiffusionFactor(coefficients.noise_type, g).solve(v - f)
         return u, coefficients.noise_space(scale, g)
+
+
+def _times(gain, x, diagonal: bool):
+    """``B x`` for gains ``B`` held whole or as their diagonals."""
+    return gain * x if diagonal else matvec(gain, x)
 
 
 class LinearControl(PerStepCoefficients):
@@ -125,24 +131,44 @@ class LinearControl(PerStepCoefficients):
     :param bool state_scale: learn the step noise as a state-space factor ``L_k``
         (``d × d``) rather than relative to ``G`` (diagonal noise only; needed for diffusions
         that depend on the state).
+    :param str gain: ``"full"`` or ``"diagonal"``: ``B_k`` diagonal, each coordinate's
+        posterior drift feeding back on itself only (``d`` numbers a step and series instead
+        of ``d²``, and a scan of scalars: the cheap family for many long series, e.g. under
+        :func:`~pyro_nsde.subsample_steps`). Couplings between coordinates then live in the
+        prior's drift where the noise does not reach, and in ``a_k`` (which follows the
+        data); a coefficient fit (Laplace, Kalman) is projected onto the family by keeping
+        ``diag B_k`` and moving ``(B_k - diag B_k) x̄_k`` into ``a_k`` at its mean path
+        ``x̄``.
     :param options: ``batch_shape``, ``covariance`` (``"prior"``: ``S = I``, ``"diagonal"``
         or ``"full"``), ``context_dim``, ``param_dim`` and ``step_scale``, as for
         :class:`~pyro_nsde.posterior.controls.PerStepCoefficients`.
     """
 
     def __init__(
-        self, num_steps: int, state_dim: int, noise_dim=None, *, state_scale=False, **options
+        self,
+        num_steps: int,
+        state_dim: int,
+        noise_dim=None,
+        *,
+        state_scale=False,
+        gain: str = "full",
+        **options,
     ):
         m = state_dim if noise_dim is None else noise_dim
         if state_scale and options.get("covariance", "prior") == "prior":
             raise ValueError("state_scale=True needs covariance='diagonal' or 'full'")
         scale_dim = state_dim if state_scale else m
-        super().__init__(num_steps, state_dim, m, rows=state_dim, scale_dim=scale_dim, **options)
+        super().__init__(
+            num_steps, state_dim, m, rows=state_dim, scale_dim=scale_dim, gain=gain, **options
+        )
         self.state_scale = state_scale
 
     def forward(self, context=None, params=None, base=None, per_step=None) -> LinearCoefficients:
         return LinearCoefficients(
-            *self.conditioned(context, params, base, per_step), self.covariance, self.state_scale
+            *self.conditioned(context, params, base, per_step),
+            self.covariance,
+            self.state_scale,
+            self.diagonal_gain,
         )
 
 
@@ -224,7 +250,9 @@ class GaussMarkovEulerMaruyama(GirsanovEulerMaruyama):
         num_steps, d = prior.num_steps, prior.state_dim
         root_h = h.sqrt()
         loc, gain, scale = coefficients.aligned(n)
-        drift_loc, drift_gain = loc / root_h, gain / root_h.unsqueeze(-1)
+        diagonal = coefficients.diagonal_gain
+        drift_loc = loc / root_h
+        drift_gain = gain / (root_h if diagonal else root_h.unsqueeze(-1))
         if coefficients.state_scale:
             noise = root_h * apply_scale(scale, eps, self.covariance)
             factor = None  # G is evaluated at the sampled states, below
@@ -238,13 +266,19 @@ class GaussMarkovEulerMaruyama(GirsanovEulerMaruyama):
             noise = diffuse(prior.noise_type, g, dw)
             projection = _noise_free_projection(factor, d)
             if projection is not None:
+                if diagonal:  # the prior's drift couples the coordinates
+                    drift_gain, diagonal = torch.diag_embed(drift_gain), False
                 jac, offset = _affine_drift(prior.drift, t, probe)
                 drift_gain = drift_gain + projection @ (jac - drift_gain)
                 drift_loc = drift_loc + (projection @ (offset - drift_loc).unsqueeze(-1)).squeeze(
                     -1
                 )
-        eye = torch.eye(d, dtype=x0.dtype, device=x0.device)
-        states = affine_scan(eye + h.unsqueeze(-1) * drift_gain, h * drift_loc + noise, x0)
+        if diagonal:
+            transition = 1 + h * drift_gain
+        else:
+            eye = torch.eye(d, dtype=x0.dtype, device=x0.device)
+            transition = eye + h.unsqueeze(-1) * drift_gain
+        states = affine_scan(transition, h * drift_loc + noise, x0)
         first = x0.expand(states.shape[1:]).unsqueeze(0)
         path = torch.cat([first, states]).movedim(0, -2)
         starts = torch.cat([first, states[:-1]])

@@ -29,7 +29,7 @@ import torch
 from torch.distributions import Distribution, MultivariateNormal
 
 from ..sde.euler_maruyama import EulerMaruyama, simulate
-from ..sde.noise import as_matrix
+from ..sde.noise import as_matrix, matvec
 from .kalman import GaussianSites, GaussMarkovPosterior, LinearChain, smooth
 from .small import cholesky_or_nan, eigenvalue_range
 
@@ -240,7 +240,10 @@ def coefficients_of(control, posterior: GaussMarkovPosterior) -> dict:
     - linear: with the posterior transition ``x_{k+1} = A_k x_k + b_k + noise``,
       ``a_k = b_k / sqrt(h_k)``, ``B_k = (A_k - I) / sqrt(h_k)``;
     - ``S_k``: ``chol(P_k)`` (``"full"``); ``diag(P_k⁻¹)^{-1/2}`` (``"diagonal"``, the best
-      diagonal factor in KL); with a state-space scale, ``G_k`` times these.
+      diagonal factor in KL); with a state-space scale, ``G_k`` times these;
+    - a linear control with diagonal gains keeps ``diag B_k`` and moves the rest into the
+      offset at the posterior's mean path ``x̄_k``: ``a_k + (B_k - diag B_k) x̄_k``, so that
+      its drift agrees with the fit's along ``x̄`` (and its mean path is ``x̄``).
     """
     from .controls import AffineControl
     from .gauss_markov import LinearControl
@@ -254,9 +257,15 @@ def coefficients_of(control, posterior: GaussMarkovPosterior) -> dict:
         eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
         loc = b / root_h.unsqueeze(-1)
         gain = (A - eye) / root_h[..., None, None]
+        if control.diagonal_gain:
+            means = posterior.mean_path()[:-1]
+            diagonal = gain.diagonal(dim1=-2, dim2=-1)
+            loc = loc + matvec(gain, means) - diagonal * means
+            gain = diagonal
     else:
         raise TypeError(f"cannot set the coefficients of a {type(control).__name__}")
-    values = {"loc": loc.movedim(0, -2), "gain": gain.movedim(0, -3)}
+    gain_dims = 3 if gain.dim() > loc.dim() else 2
+    values = {"loc": loc.movedim(0, -2), "gain": gain.movedim(0, -gain_dims)}
     if control.covariance != "prior":
         P = posterior.step_cov
         state_scale = getattr(control, "state_scale", False)
