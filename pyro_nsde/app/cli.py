@@ -66,13 +66,18 @@ PUBLISHED_RATES = {"alpha": 0.55, "beta": 0.028, "gamma": 0.80, "delta": 0.024}
 #: at their Laplace approximation). A neural drift is a model parameter, not a latent: there is
 #: no drawn θ for the path to follow, and a smoother per step over a long grid would dominate
 #: the run; the path's coefficients start at the Laplace fit and are re-fitted every 50 steps.
-NEURAL_GUIDE_OPTIONS = {"control": "affine", "conditional": None, "refresh_every": 50}
+#: The Gauss–Markov family (``"linear"``, drawn by the parallel scan) takes 36 ms a step on
+#: sunspots (984 steps, d = 2) where the affine control's sequential loop took 553 ms; its
+#: 1000 steps take 48 s where 500 affine ones took 268 s, and forecast better. Subsampling
+#: the steps (``subsample_steps=100``) saved a sixth of the time on this single short path and
+#: forecast worse: it pays on many long paths (``benchmarks/subsample_steps.py``), not here.
+NEURAL_GUIDE_OPTIONS = {"control": "linear", "conditional": None, "refresh_every": 50}
 
 #: Defaults of ``--steps`` (``None``: until the ELBO stops improving, :func:`fit_svi`) and
 #: ``--samples``, and their values under ``PYRO_NSDE_FAST=1``.
 DEFAULT_STEPS = {
     "demo": None,
-    "fit": {"neural": 500, "ou": None, "trend": None, "auto": None},
+    "fit": {"neural": 1000, "ou": None, "trend": None, "auto": None},
 }
 DEFAULT_SAMPLES = 1000
 FAST_STEPS, FAST_SAMPLES = 30, 100
