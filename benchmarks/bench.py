@@ -44,6 +44,8 @@ grid is then exact and torchsde's fixed-step loop lands on the grid points witho
   sanity check prints it without comparing.
 - ``pyro-nsde-linear-series``: the same guide on ``B`` series (``pyro.plate``, one particle
   each, every series observing the same data), each with its own coefficients.
+- ``pyro-nsde-subsampled`` (issue 23): the ``B`` series with the cheap Gauss–Markov family
+  (``gain="diagonal"``, ``covariance="diagonal"``), trained on ``subsample_steps(model, 100)``.
 - ``drift-floor``: not a method, one batched call of the drift MLP on all ``K·B`` states and
   its backward: the floor of anything that evaluates the drift at every grid point in one call.
 - ``drift-floor-blocked``: the same through :func:`~pyro_nsde.sde.euler_maruyama.at_all_steps`
@@ -91,7 +93,7 @@ from pyro.infer.util import zero_grads
 from torch import nn
 
 import pyro_nsde
-from pyro_nsde import ControlNet, EulerMaruyama, GirsanovGuide
+from pyro_nsde import ControlNet, EulerMaruyama, GirsanovGuide, subsample_steps
 from pyro_nsde.sde.euler_maruyama import at_all_steps
 
 OBS_EVERY = 10
@@ -99,6 +101,8 @@ DIFFUSION = 0.5
 OBS_SCALE = 0.25
 LEARNING_RATE = 1e-3
 WIDTH = 64
+#: Steps per path of ``pyro-nsde-subsampled`` (``subsample_steps``).
+SUBSAMPLE_STEPS = 100
 FULL_GRID = "100x16x1,100x16x8,100x512x1,100x512x8,1000x16x1,1000x16x8,1000x512x1,1000x512x8"
 QUICK_GRID = "20x8x2"
 #: ``--parallel`` (issue 15): the parallel-in-time rows against the sequential ones, up to
@@ -291,7 +295,11 @@ class _PyroImplementation(Implementation):
         self._scope = None
         with self.active():
             optim = pyro.optim.Adam({"lr": LEARNING_RATE})
-            self.svi = SVI(self.model, self.make_guide(), optim, self.elbo(particles))
+            self.svi = SVI(self.trained_model(), self.make_guide(), optim, self.elbo(particles))
+
+    def trained_model(self):
+        """The model ``SVI`` steps on (``model`` itself but where subsampled)."""
+        return self.model
 
     def elbo(self, particles: int) -> Trace_ELBO:
         return Trace_ELBO(num_particles=particles, vectorize_particles=True, max_plate_nesting=0)
@@ -520,6 +528,30 @@ class PyroNSDELinearSeries(PyroNSDELinear):
             pyro.sample("y", dist.Normal(obs, OBS_SCALE).to_event(2), obs=self.y)
 
 
+class PyroNSDESubsampled(PyroNSDELinearSeries):
+    """Issue 23: the ``B`` series of ``pyro-nsde-linear-series`` with the cheap Gauss–Markov
+    family (``gain="diagonal"``, ``covariance="diagonal"``) trained on
+    :func:`~pyro_nsde.subsample_steps` of :data:`SUBSAMPLE_STEPS` steps per path (all of
+    them on shorter grids): the drift runs on ``R`` steps per series, not ``K``."""
+
+    def make_guide(self) -> GirsanovGuide:
+        return GirsanovGuide(
+            self.model,
+            control="linear",
+            gain="diagonal",
+            covariance="diagonal",
+            init_path="prior",
+            subsample_steps=self.num_steps,
+        )
+
+    @property
+    def num_steps(self) -> int:
+        return min(SUBSAMPLE_STEPS, self.problem.config.steps)
+
+    def trained_model(self):
+        return subsample_steps(self.model, self.num_steps)
+
+
 class DriftFloor(Implementation):
     """Not a method: ONE batched call of the drift MLP on all ``K·B`` states ``(K, B, d)``
     and its backward (to the weights and to the states), no optimizer step. The floor of any
@@ -582,6 +614,7 @@ IMPLEMENTATIONS = {
     "naive-pyro": NaivePyro,
     "pyro-nsde-linear": PyroNSDELinear,
     "pyro-nsde-linear-series": PyroNSDELinearSeries,
+    "pyro-nsde-subsampled": PyroNSDESubsampled,
     "drift-floor": DriftFloor,
     "drift-floor-blocked": DriftFloorBlocked,
 }

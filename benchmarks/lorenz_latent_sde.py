@@ -23,6 +23,8 @@ model is built from):
 - ``pyro-nsde-linear``: the same model with the tutorial's default guide, ``--guide linear``:
   ``GirsanovGuide(control="linear", covariance="diagonal")`` with the same encoder, the
   Gauss–Markov family sampled by a parallel scan (``--covariance`` does not apply).
+- ``pyro-nsde-diagonal``: the same with diagonal gains (``gain="diagonal"``), and with
+  ``--subsample R`` trained on ``R`` steps per path (``subsample_steps``).
 - ``torchsde``: our own code mirroring torchsde's ``examples/latent_sde_lorenz.py``: a GRU
   run backward over the observations and a linear map give a context per observation time;
   ``q(z_0)`` is a Gaussian from the first context, ``p(z_0)`` a learned Gaussian; the
@@ -120,6 +122,7 @@ class Problem:
     covariance: str
     max_step: float
     torchsde_bm: str
+    subsample: int | None = None
 
     @property
     def fit_times(self) -> torch.Tensor:
@@ -151,7 +154,7 @@ class PyroNSDE:
         self.model = LORENZ.make_model(self.modules, series)
         self.guide = self.make_guide(problem)
         optim = pyro.optim.ClippedAdam({"lr": LEARNING_RATE, "lrd": LR_DECAY})
-        self.svi = SVI(self.model, self.annealed_guide, optim, Trace_ELBO())
+        self.svi = SVI(self.training_model(problem), self.annealed_guide, optim, Trace_ELBO())
         self.solver_steps = self.data.num_steps
 
     def make_guide(self, problem: Problem) -> GirsanovGuide:
@@ -168,6 +171,10 @@ class PyroNSDE:
         return GirsanovGuide(
             self.model, control=control, encoder=GRUEncoder(OBS_DIM, context, hidden)
         )
+
+    def training_model(self, problem: Problem):
+        """The model SVI trains against."""
+        return self.model
 
     def annealed_guide(self, data: GriddedSeries, kl_scale: float = 1.0):
         with poutine.scale(scale=kl_scale):
@@ -202,6 +209,28 @@ class PyroNSDELinear(PyroNSDE):
     def make_guide(self, problem: Problem) -> GirsanovGuide:
         encoder = GRUEncoder(OBS_DIM, problem.context, problem.hidden)
         return GirsanovGuide(self.model, control="linear", covariance="diagonal", encoder=encoder)
+
+
+class PyroNSDEDiagonal(PyroNSDE):
+    """The Gauss–Markov family with diagonal gains (``gain="diagonal"``): ``3 × latent``
+    coefficients a step from the encoder instead of ``latent² + 2 latent``."""
+
+    def make_guide(self, problem: Problem) -> GirsanovGuide:
+        encoder = GRUEncoder(OBS_DIM, problem.context, problem.hidden)
+        return GirsanovGuide(
+            self.model,
+            control="linear",
+            gain="diagonal",
+            covariance="diagonal",
+            encoder=encoder,
+            subsample_steps=problem.subsample,
+        )
+
+    def training_model(self, problem: Problem):
+        """The model with its paths' steps subsampled (``--subsample``)."""
+        if problem.subsample is None:
+            return self.model
+        return pyro_nsde.subsample_steps(self.model, problem.subsample)
 
 
 def mlp(sizes: tuple, last: type[nn.Module] | None = None) -> nn.Sequential:
@@ -356,7 +385,12 @@ class TorchSDE:
         return torch.stack(paths)
 
 
-IMPLEMENTATIONS = {"pyro-nsde": PyroNSDE, "pyro-nsde-linear": PyroNSDELinear, "torchsde": TorchSDE}
+IMPLEMENTATIONS = {
+    "pyro-nsde": PyroNSDE,
+    "pyro-nsde-linear": PyroNSDELinear,
+    "pyro-nsde-diagonal": PyroNSDEDiagonal,
+    "torchsde": TorchSDE,
+}
 
 
 def forecast_scores(future: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
@@ -427,6 +461,12 @@ def label(name: str, args: argparse.Namespace) -> str:
         return f"pyro-nsde (covariance={args.covariance}, max_step={args.max_step:g})"
     if name == "pyro-nsde-linear":
         return f"pyro-nsde control='linear' (covariance=diagonal, max_step={args.max_step:g})"
+    if name == "pyro-nsde-diagonal":
+        steps = "" if args.subsample is None else f", subsample_steps={args.subsample}"
+        return (
+            f"pyro-nsde control='linear', gain='diagonal' (covariance=diagonal{steps}, "
+            f"max_step={args.max_step:g})"
+        )
     return f"torchsde ({args.torchsde_bm} BrownianInterval, dt={TORCHSDE_DT:g})"
 
 
@@ -508,6 +548,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         choices=("default", "sized"),
         help="sdeint's own BrownianInterval, as the example (default), or one sized with dt",
     )
+    parser.add_argument(
+        "--subsample",
+        type=int,
+        help="train pyro-nsde-diagonal on this many steps per path (subsample_steps)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("benchmark_outputs"))
@@ -542,7 +587,14 @@ def main(argv: list[str] | None = None) -> None:
     times, y = LORENZ.lorenz_data(args.series, args.data_dt)
     rng = torch.get_rng_state()  # where the tutorial builds its model
     problem = Problem(
-        times, y, args.hidden, args.context, args.covariance, args.max_step, args.torchsde_bm
+        times,
+        y,
+        args.hidden,
+        args.context,
+        args.covariance,
+        args.max_step,
+        args.torchsde_bm,
+        args.subsample,
     )
     results = {name: run(name, problem, args, rng) for name in args.impls}
     persistence = persistence_rmse(y)

@@ -23,6 +23,7 @@ IMPLEMENTATIONS = [
     "naive-pyro",
     "pyro-nsde-linear",
     "pyro-nsde-linear-series",
+    "pyro-nsde-subsampled",
     "drift-floor",
     "drift-floor-blocked",
 ]
@@ -64,7 +65,7 @@ def test_bench_quick_times_every_implementation_on_one_objective():
     assert rows[0][6] == "1.00" and rows[0][7] == "1.00×"
     assert "sanity: all objectives agree with plain-loop" in output
     # the Gauss–Markov guides have an ELBO of their own (printed, not compared); the floor none
-    for name in ("pyro-nsde-linear", "pyro-nsde-linear-series"):
+    for name in ("pyro-nsde-linear", "pyro-nsde-linear-series", "pyro-nsde-subsampled"):
         assert any(
             line.split()[:1] == [name] and "another variational family" in line
             for line in output.splitlines()
@@ -114,13 +115,17 @@ def test_memory_script_reports_default_and_checkpointed_rows():
 
 
 def test_lorenz_benchmark_quick_reports_every_implementation(tmp_path):
-    output = run_script("lorenz_latent_sde.py", "--quick", "--out", str(tmp_path))
+    output = run_script(
+        "lorenz_latent_sde.py", "--quick", "--subsample", "25", "--out", str(tmp_path)
+    )
     rows = [
         *table_rows(output, "| pyro-nsde ("),
         *table_rows(output, "| pyro-nsde control='linear' ("),
+        *table_rows(output, "| pyro-nsde control='linear', gain='diagonal' ("),
         *table_rows(output, "| torchsde ("),
     ]
-    assert len(rows) == 3
+    assert len(rows) == 4
+    assert "subsample_steps=25" in rows[2][0]
     for row in rows:
         solver, trained = int(row[1]), int(row[2].split()[0])
         seconds, rmse, coverage = float(row[3]), float(row[7]), float(row[8])
@@ -135,3 +140,20 @@ def test_backtest_benchmark_scores_a_series_against_arima():
     )
     assert "nile  100 rows,  20 held out," in output and "ARIMA(" in output
     assert "pooled pyro-nsde: coverage 50 %" in output
+
+
+def test_subsample_steps_benchmark_times_both_families():
+    output = run_script(
+        "subsample_steps.py", "--batch", "2", "--draws", "10", "--rounds", "1", "--steps", "1"
+    )
+    assert "| B | full all steps | full R=10 | diagonal all steps | diagonal R=10 |" in output
+    (row,) = table_rows(output, "| 2 |")
+    assert len(row) == 5 and all("x)" in cell for cell in row[1:])
+    assert "sd of the subsampled log p(path)" in output
+
+
+def test_gpu_script_runs_its_table_on_the_cpu(tmp_path):
+    output = run_script("gpu.py", "--device", "cpu", "--quick", "--out", str(tmp_path))
+    names = [row[3] for row in table_rows(output, "| 200 | 8 | 2 |")]
+    assert names == ["plain-loop", "pyro-nsde", "pyro-nsde-linear-series", "pyro-nsde-subsampled"]
+    assert table_rows(output, "| pyro-nsde control='linear', gain='diagonal' (")
