@@ -154,3 +154,38 @@ def test_diagonal_gains_keep_the_fitted_mean_path(default_dtype, diffusion, nois
     assert coefficients["diagonal"].gain.shape == (prior.num_steps, 2)
     off_diagonal = coefficients["full"].gain[:, 1, 0].abs().max()
     assert off_diagonal > 0.1  # the fit's gains couple the coordinates
+
+
+def test_saddle_free_turns_and_floors_the_curvature():
+    from pyro_nsde.guide.global_laplace import saddle_free
+
+    vectors, _ = torch.linalg.qr(torch.randn(3, 3, dtype=F64))
+    precision = vectors @ torch.diag(torch.tensor([-4.0, 0.01, 9.0], dtype=F64)) @ vectors.T
+    values = torch.linalg.eigvalsh(saddle_free(precision))
+    assert torch.allclose(values, torch.tensor([1.0, 4.0, 9.0], dtype=F64))
+
+
+def test_laplace_start_moves_to_where_the_search_stops_even_off_a_mode(monkeypatch):
+    """Where the search stops with a Hessian that is not positive definite, the family still
+    moves there (with the saddle-free covariance) instead of staying at its start."""
+    from pyro_nsde import GirsanovGuide
+    from pyro_nsde.guide import global_laplace
+    from pyro_nsde.zoo.models import OrnsteinUhlenbeck
+
+    model = OrnsteinUhlenbeck(torch.arange(12.0), 1)
+    y = torch.sin(torch.arange(12.0))[:, None]
+    stops = {}
+
+    def stop_off_a_mode(density, start, max_iterations=100):
+        stops["mode"] = start + 0.25
+        precision = torch.diag(torch.linspace(-2.0, 3.0, start.numel(), dtype=torch.float64))
+        return stops["mode"], precision
+
+    monkeypatch.setattr(global_laplace, "find_mode", stop_off_a_mode)
+    guide = GirsanovGuide(model)
+    guide(y)
+    family = guide.latent_guide
+    assert torch.allclose(family.loc.detach(), stops["mode"])
+    covariance = family.get_posterior().covariance_matrix
+    expected = torch.linspace(-2.0, 3.0, len(stops["mode"])).abs().clamp(min=1.0).reciprocal()
+    assert torch.allclose(covariance.diagonal().detach(), expected, rtol=1e-4)

