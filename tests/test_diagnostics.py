@@ -502,3 +502,33 @@ def test_tutorial_runs_in_fast_mode(tmp_path):
     for name in ("ppc.png", "path_bands.png", "forecast.png", "elbo.png", "posterior.nc"):
         assert (tmp_path / name).stat().st_size > 0
     assert "Pareto k-hat" in result.stdout and "elpd_loo" in result.stdout
+
+
+def test_guide_draws_that_diverge_are_left_out_and_replaced():
+    """A cubic drift with a rate drawn from a wide guide: the draws whose Euler–Maruyama chain
+    blows up (rate × 4 × h past 2) have no finite weight; they are left out, with a warning,
+    and replaced by finite ones, so that every weight and every path is finite."""
+    from pyro_nsde.analysis.draws import guide_draws
+
+    times = torch.linspace(0.0, 2.0, 21)
+
+    def model(y):
+        rate = pyro.sample("rate", dist.LogNormal(0.0, 1.0))
+        init = dist.Normal(torch.full((1,), 2.0), 0.01).to_event(1)
+        drift = lambda t, x: -rate[..., None] * x**3  # noqa: E731
+        x = pyro.sample("x", EulerMaruyama(drift, torch.tensor([0.3]), init, times))
+        pyro.sample("y", dist.Normal(x[..., -1, 0], 0.5), obs=y)
+
+    def guide(y):
+        rate = pyro.sample("rate", dist.LogNormal(0.5, 1.0))
+        init = dist.Normal(torch.full((1,), 2.0), 0.01).to_event(1)
+        drift = lambda t, x: -rate[..., None] * x**3  # noqa: E731
+        pyro.sample("x", EulerMaruyama(drift, torch.tensor([0.3]), init, times))
+
+    pyro.set_rng_seed(0)
+    with pytest.warns(RuntimeWarning, match="were left out and replaced"):
+        draws = guide_draws(model, guide, (torch.tensor(0.2),), {}, 400)
+    assert draws.log_weights.shape == (400,) and torch.isfinite(draws.log_weights).all()
+    paths = draws.trace.nodes["x"]["value"]
+    assert paths.shape[0] == 400 and torch.isfinite(paths).all()
+    assert torch.isfinite(draws.sample_stats["lp"]).all()

@@ -23,6 +23,8 @@ from .importance import KHAT_THRESHOLD, importance_resample
 
 #: The name of the plate over draws in a vectorized trace.
 DRAW_PLATE = "_pyro_nsde_draws"
+#: Rounds of guide draws :func:`guide_draws` takes to replace draws that are not finite.
+MAX_DRAW_ROUNDS = 4
 
 
 @dataclasses.dataclass
@@ -136,27 +138,73 @@ def conditioned_trace(model, samples: dict, args, kwargs):
 
 def guide_draws(model, guide, args, kwargs, num_draws: int, num_chains: int = 1) -> Draws:
     """``num_draws`` draws of ``guide`` and the model replayed on them, with the importance
-    weights ``log p(z, y) - log q(z)`` (``log_weights``)."""
-    with torch.no_grad(), poutine.block():
+    weights ``log p(z, y) - log q(z)`` (``log_weights``).
+
+    A draw whose path or likelihood is not finite (an Euler–Maruyama chain that is unstable
+    at the draw's parameters, e.g. a damping rate past ``2/h`` in the guide's tail) has no
+    finite weight: such draws are left out, with a warning, and replaced by further draws (at
+    most :data:`MAX_DRAW_ROUNDS` rounds): the draws are then of the guide restricted to
+    finite paths."""
+    with torch.no_grad(), poutine.block(), pyro.validation_enabled(False):
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
         reference = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
             *args, **kwargs
         )
         nesting = plate_nesting(reference, guide_trace)
-        log_weights, trace, _ = vectorized_importance_weights(
-            model, guide, *args, num_samples=num_draws, max_plate_nesting=nesting, **kwargs
-        )
-    joint = plate_log_prob_sum(trace, trace.plate_to_symbol["num_particles_vectorized"])
-    log_weights = log_weights.reshape(-1)
+        sites = describe_sites(reference, nesting)
+        rounds = []
+        for _ in range(MAX_DRAW_ROUNDS):
+            log_weights, trace, _ = vectorized_importance_weights(
+                model, guide, *args, num_samples=num_draws, max_plate_nesting=nesting, **kwargs
+            )
+            log_weights = log_weights.reshape(-1)
+            finite = torch.isfinite(log_weights)
+            rounds.append((log_weights, trace, finite))
+            if sum(int(f.sum()) for *_, f in rounds) >= num_draws:
+                break
+    if len(rounds) > 1 or not bool(finite.all()):
+        trace, log_weights = _finite_draws(model, rounds, sites, num_draws, nesting, args, kwargs)
+        joint = log_joint(trace, DRAW_PLATE)
+    else:
+        joint = plate_log_prob_sum(trace, trace.plate_to_symbol["num_particles_vectorized"])
     return Draws(
         trace=trace,
-        sites=describe_sites(reference, nesting),
+        sites=sites,
         num_draws=num_draws,
         num_chains=num_chains,
         sample_stats={"lp": joint.reshape(-1), "log_weight": log_weights},
         log_weights=log_weights,
         nesting=nesting,
     )
+
+
+def _finite_draws(model, rounds, sites, num_draws, nesting, args, kwargs):
+    """The first ``num_draws`` draws with finite weights of ``rounds`` (``(log weights,
+    vectorized trace, finite)`` each): the model's trace on them and their weights."""
+    left_out = sum(int((~f).sum()) for *_, f in rounds)
+    kept = sum(int(f.sum()) for *_, f in rounds)
+    if kept < num_draws:
+        raise ValueError(
+            f"{left_out} of {left_out + kept} guide draws have a path or likelihood that is not "
+            f"finite (an Euler-Maruyama chain unstable at the parameters drawn): the guide puts "
+            f"too much mass where the model diverges"
+        )
+    warnings.warn(
+        f"{left_out} guide draws with a path or likelihood that is not finite (an "
+        f"Euler-Maruyama chain unstable at the parameters drawn) were left out and replaced",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+    samples, weights = {}, []
+    for log_weights, trace, finite in rounds:
+        weights.append(log_weights[finite])
+        for name, site in sites.items():
+            if site.kind == "latent":
+                value = per_draw(trace.nodes[name]["value"], len(finite), site.pad, site.shape)
+                samples.setdefault(name, []).append(value[finite])
+    samples = {name: torch.cat(values)[:num_draws] for name, values in samples.items()}
+    trace = vectorized_trace(model, samples, sites, num_draws, nesting, args, kwargs)
+    return trace, torch.cat(weights)[:num_draws]
 
 
 def resampled_draws(model, guide, draws: Draws, args, kwargs, options) -> Draws:
