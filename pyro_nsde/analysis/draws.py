@@ -154,9 +154,11 @@ def guide_draws(model, guide, args, kwargs, num_draws: int, num_chains: int = 1)
         sites = describe_sites(reference, nesting)
         rounds = []
         for _ in range(MAX_DRAW_ROUNDS):
-            log_weights, trace, _ = vectorized_importance_weights(
-                model, guide, *args, num_samples=num_draws, max_plate_nesting=nesting, **kwargs
-            )
+            with warnings.catch_warnings():  # the draws that are not finite are handled below
+                warnings.filterwarnings("ignore", "Encountered NaN", UserWarning)
+                log_weights, trace, _ = vectorized_importance_weights(
+                    model, guide, *args, num_samples=num_draws, max_plate_nesting=nesting, **kwargs
+                )
             log_weights = log_weights.reshape(-1)
             finite = torch.isfinite(log_weights)
             rounds.append((log_weights, trace, finite))

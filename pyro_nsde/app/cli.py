@@ -514,18 +514,20 @@ def dominant_period(scaled: TimeSeries, min_ratio: float = 30.0, min_cycles: flo
     so a peak is measured against its neighbourhood, not the whole spectrum (a wandering
     series has most of its power at low frequencies): its ratio to the median of the
     periodogram within 8 frequencies on either side (the two next to it left out) must pass
-    ``min_ratio``. On 1800 simulated series without a cycle (random walks, AR(1) with
+    ``min_ratio``; the period is then read off the peak of the periodogram between the Fourier
+    frequencies. On 1800 simulated series without a cycle (random walks, AR(1) with
     ``φ = 0.9`` and white noise, 50–300 points) the largest ratio passed 26 in 1 % of them and
     36 in 0.1 %; on monthly CO2 and El Niño and quarterly inflation it is 4700, 560 and 230."""
     values = scaled.values.double().numpy()
     rows = np.arange(values.shape[0], dtype=np.float64)
-    power = 0.0
+    power, residuals = 0.0, []
     for column in values.T:
         seen = ~np.isnan(column)
         if seen.sum() < 8:
             return None
         slope, intercept = np.polyfit(rows[seen], column[seen], 1)
         residual = np.where(seen, column - (slope * rows + intercept), 0.0)
+        residuals.append(residual)
         power = power + np.abs(np.fft.rfft(residual)) ** 2
     freqs = np.fft.rfftfreq(len(rows))
     searched = np.flatnonzero((freqs >= min_cycles / len(rows)) & (freqs > 0))
@@ -536,7 +538,15 @@ def dominant_period(scaled: TimeSeries, min_ratio: float = 30.0, min_cycles: flo
         window = [j for j in range(k - 8, k + 9) if 0 < j < len(power) and abs(j - k) > 1]
         ratios.append(power[k] / max(np.median(power[window]), 1e-300))
     best = int(np.argmax(ratios))
-    return float(1.0 / freqs[searched[best]]) if ratios[best] > min_ratio else None
+    if ratios[best] <= min_ratio:
+        return None
+    # The peak between the Fourier frequencies: the periodogram on a grid 1/64 of their
+    # spacing apart, within one spacing of the peak (12 rows, not 11.5, in 115 monthly rows).
+    spacing = freqs[1]
+    fine = freqs[searched[best]] + spacing * np.linspace(-1.0, 1.0, 129)
+    waves = np.exp(-2j * np.pi * np.outer(fine, rows))
+    fine_power = sum(np.abs(waves @ residual) ** 2 for residual in residuals)
+    return float(1.0 / fine[int(np.argmax(fine_power))])
 
 
 def _latent_model(name: str, scaled: TimeSeries, steps_per_unit: float, period=None):
