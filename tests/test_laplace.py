@@ -182,6 +182,7 @@ def test_laplace_start_moves_to_where_the_search_stops_even_off_a_mode(monkeypat
         return stops["mode"], precision
 
     monkeypatch.setattr(global_laplace, "find_mode", stop_off_a_mode)
+    monkeypatch.setattr(global_laplace, "PRIOR_STARTS", 0)  # one search, from the family's start
     guide = GirsanovGuide(model)
     guide(y)
     family = guide.latent_guide
@@ -189,3 +190,36 @@ def test_laplace_start_moves_to_where_the_search_stops_even_off_a_mode(monkeypat
     covariance = family.get_posterior().covariance_matrix
     expected = torch.linspace(-2.0, 3.0, len(stops["mode"])).abs().clamp(min=1.0).reciprocal()
     assert torch.allclose(covariance.diagonal().detach(), expected, rtol=1e-4)
+
+
+def test_laplace_start_keeps_the_best_of_its_searches(monkeypatch):
+    """The search runs from the family's start and from draws of the prior; the point of the
+    highest marginal density is kept, wherever its search began."""
+    from pyro_nsde import GirsanovGuide
+    from pyro_nsde.guide import global_laplace
+    from pyro_nsde.zoo.models import OrnsteinUhlenbeck
+
+    model = OrnsteinUhlenbeck(torch.arange(12.0), 1)
+    y = torch.sin(torch.arange(12.0))[:, None]
+    starts = []
+
+    def prior_draws(self, num):
+        assert num == global_laplace.PRIOR_STARTS
+        return [torch.full((self.dim,), float(k + 1)) for k in range(num)]
+
+    def search(density, start, max_iterations=100):
+        starts.append(start)
+        return start, torch.eye(start.numel(), dtype=torch.float64)
+
+    best = torch.full((4,), 1.0)
+    monkeypatch.setattr(global_laplace.MarginalDensity, "prior_draws", prior_draws)
+    monkeypatch.setattr(
+        global_laplace.MarginalDensity,
+        "value",
+        lambda self, eta: -(eta - best).square().sum().item(),
+    )
+    monkeypatch.setattr(global_laplace, "find_mode", search)
+    guide = GirsanovGuide(model)
+    guide(y)
+    assert len(starts) == 1 + global_laplace.PRIOR_STARTS
+    assert torch.allclose(guide.latent_guide.loc.detach(), best)

@@ -18,7 +18,13 @@ from pyro.infer.importance import vectorized_importance_weights
 from pyro.infer.util import plate_log_prob_sum
 from pyro.poutine.util import prune_subsample_sites
 
-from ..sde.sites import is_subsampled, log_joint, plate_nesting, unwrap_path_distribution
+from ..sde.sites import (
+    diverged_draws_allowed,
+    is_subsampled,
+    log_joint,
+    plate_nesting,
+    unwrap_path_distribution,
+)
 from .importance import KHAT_THRESHOLD, importance_resample
 
 #: The name of the plate over draws in a vectorized trace.
@@ -145,7 +151,7 @@ def guide_draws(model, guide, args, kwargs, num_draws: int, num_chains: int = 1)
     finite weight: such draws are left out, with a warning, and replaced by further draws (at
     most :data:`MAX_DRAW_ROUNDS` rounds): the draws are then of the guide restricted to
     finite paths."""
-    with torch.no_grad(), poutine.block(), pyro.validation_enabled(False):
+    with torch.no_grad(), poutine.block(), diverged_draws_allowed():
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
         reference = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
             *args, **kwargs
@@ -154,11 +160,9 @@ def guide_draws(model, guide, args, kwargs, num_draws: int, num_chains: int = 1)
         sites = describe_sites(reference, nesting)
         rounds = []
         for _ in range(MAX_DRAW_ROUNDS):
-            with warnings.catch_warnings():  # the draws that are not finite are handled below
-                warnings.filterwarnings("ignore", "Encountered NaN", UserWarning)
-                log_weights, trace, _ = vectorized_importance_weights(
-                    model, guide, *args, num_samples=num_draws, max_plate_nesting=nesting, **kwargs
-                )
+            log_weights, trace, _ = vectorized_importance_weights(
+                model, guide, *args, num_samples=num_draws, max_plate_nesting=nesting, **kwargs
+            )
             log_weights = log_weights.reshape(-1)
             finite = torch.isfinite(log_weights)
             rounds.append((log_weights, trace, finite))

@@ -31,7 +31,6 @@ misses too much of the posterior and the guide's own draws are as good as it get
 import dataclasses
 import math
 
-import pyro
 import pyro.distributions as dist
 import torch
 from pyro.infer.importance import vectorized_importance_weights
@@ -39,6 +38,7 @@ from pyro.ops.stats import fit_generalized_pareto
 from pyro.poutine.messenger import Messenger
 
 from ..sde.checks import check_positive_int
+from ..sde.sites import diverged_draws_allowed
 
 #: ``k̂`` above which importance resampling is not trusted (Vehtari et al. 2024).
 KHAT_THRESHOLD = 0.7
@@ -249,7 +249,7 @@ def importance_resample(
         # Heavy-tailed proposals reach parameters where a path overflows: such a draw gets
         # weight zero instead of stopping the run (validation would raise on its non-finite
         # path).
-        with torch.no_grad(), pyro.validation_enabled(False):
+        with torch.no_grad(), diverged_draws_allowed():
             log_weights, model_trace, guide_trace = vectorized_importance_weights(
                 model,
                 proposal(guide),

@@ -38,7 +38,7 @@ from pyro.infer.autoguide import (
     AutoNormal,
 )
 
-from ..sde.sites import log_joint, outside_inference
+from ..sde.sites import diverged_draws_allowed, log_joint, outside_inference
 from .slots import ParamSlot
 
 #: The plate over the points at which the marginal log density is evaluated together.
@@ -49,6 +49,8 @@ HESSIAN_STEP = 1e-3
 DIVERGED_LOSS = 1e30
 #: Restarts of the mode search from a saddle point.
 SADDLE_ESCAPES = 2
+#: Searches of the mode from draws of the prior, besides the one from the family's start.
+PRIOR_STARTS = 2
 
 
 class MarginalDensity:
@@ -71,6 +73,28 @@ class MarginalDensity:
         medians = self.guide.latent_guide.median(*self.args, **self.kwargs)
         pieces = [transform.inv(medians[name]).reshape(-1) for name, _, transform, _ in self.sites]
         return torch.cat(pieces).detach()
+
+    def prior_draws(self, num: int) -> list:
+        """``num`` points ``η`` ``(D,)`` drawn from the sites' priors (as the prototype trace
+        has them)."""
+        draws = []
+        with torch.no_grad():
+            for _ in range(num):
+                pieces = [
+                    transform.inv(node["fn"].sample()).reshape(-1)
+                    for _, node, transform, _ in self.sites
+                ]
+                draws.append(torch.cat(pieces))
+        return draws
+
+    def value(self, eta: torch.Tensor) -> float:
+        """``ℓ(η)`` at one point ``(D,)``, ``-inf`` where the model's density is not finite."""
+        try:
+            with torch.no_grad(), diverged_draws_allowed():
+                value = float(self(eta.unsqueeze(0)))
+        except (ValueError, torch.linalg.LinAlgError):
+            return -math.inf
+        return value if math.isfinite(value) else -math.inf
 
     def values(self, eta: torch.Tensor):
         """The sites' values for points ``η`` ``(n, D)``, laid out left of all of the
@@ -124,9 +148,22 @@ def laplace_start(guide, args, kwargs, *, max_iterations: int = 100) -> bool:
     in its finite differences), the family is put there with the covariance of
     :func:`saddle_free` ``(H)``: the search's point is far better than where the family
     started (on monthly CO2, ``ℓ`` 269 or 280 against 236 or 217 at the start; the modes of
-    the other seeds are at 282)."""
+    the other seeds are at 282).
+
+    Besides the family's start, the search starts from :data:`PRIOR_STARTS` draws of the
+    prior, and the point of the highest ``ℓ`` is kept: on quarterly Danish inflation one
+    seed's search from the family's start stopped at ``ℓ = -147`` (all noise, ``σ_obs`` 1.6
+    sd), the others at -110 to -114. (Keeping the largest Laplace mass ``ℓ - ½ log det H``
+    instead forecast worse on the README's backtests: mean interval-score ratio 1.03 against
+    0.96 at 90 %.)"""
     density = MarginalDensity(guide, args, kwargs)
-    mode, precision = find_mode(density, density.initial(), max_iterations)
+    best = -math.inf, None, None
+    for start in [density.initial(), *density.prior_draws(PRIOR_STARTS)]:
+        mode, precision = find_mode(density, start, max_iterations)
+        value = density.value(mode)
+        if best[1] is None or value > best[0]:
+            best = value, mode, precision
+    _, mode, precision = best
     values, _ = density.values(mode.unsqueeze(0))
     shapes = {name: node["value"].shape for name, node, *_ in density.sites}
     guide.refresh_at({k: v.reshape(shapes[k]) for k, v in values.items()}, args, kwargs)
@@ -187,6 +224,8 @@ def _search_mode(density, start: torch.Tensor, max_iterations: int) -> torch.Ten
         try:
             loss = -density(eta.unsqueeze(0)).sum()
         except (ValueError, torch.linalg.LinAlgError):
+            loss = None
+        if loss is None or not torch.isfinite(loss):
             # A trial point where the model's density is not finite (a path that diverged):
             # a loss no point near the start has, so that the line search steps back.
             eta.grad = torch.zeros_like(eta)
@@ -194,7 +233,7 @@ def _search_mode(density, start: torch.Tensor, max_iterations: int) -> torch.Ten
         loss.backward()
         return loss
 
-    with torch.enable_grad():
+    with torch.enable_grad(), diverged_draws_allowed():
         optimizer.step(closure)
     return eta.detach()
 

@@ -14,6 +14,7 @@ live here, each written once:
 - :func:`outside_inference`: side computations as if no Pyro handler were active.
 """
 
+import warnings
 from contextlib import contextmanager
 
 import pyro
@@ -186,7 +187,17 @@ def outside_inference():
         _DIM_ALLOCATOR._stack[:] = dims
 
 
+@contextmanager
+def diverged_draws_allowed():
+    """Evaluate densities at draws whose path may overflow (the caller weighs them zero or
+    leaves them out): no validation error, and no warning from Pyro for each ``NaN``."""
+    with pyro.validation_enabled(False), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Encountered NaN", UserWarning)
+        yield
+
+
 __all__ = [
+    "diverged_draws_allowed",
     "full_size",
     "guided_plate_nesting",
     "guided_traces",
