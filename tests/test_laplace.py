@@ -182,7 +182,6 @@ def test_laplace_start_moves_to_where_the_search_stops_even_off_a_mode(monkeypat
         return stops["mode"], precision
 
     monkeypatch.setattr(global_laplace, "find_mode", stop_off_a_mode)
-    monkeypatch.setattr(global_laplace, "PRIOR_STARTS", 0)  # one search, from the family's start
     guide = GirsanovGuide(model)
     guide(y)
     family = guide.latent_guide
@@ -204,7 +203,7 @@ def test_laplace_start_keeps_the_best_of_its_searches(monkeypatch):
     starts = []
 
     def prior_draws(self, num):
-        assert num == global_laplace.PRIOR_STARTS
+        assert num == 2
         return [torch.full((self.dim,), float(k + 1)) for k in range(num)]
 
     def search(density, start, max_iterations=100):
@@ -219,7 +218,7 @@ def test_laplace_start_keeps_the_best_of_its_searches(monkeypatch):
         lambda self, eta: -(eta - best).square().sum().item(),
     )
     monkeypatch.setattr(global_laplace, "find_mode", search)
-    guide = GirsanovGuide(model)
+    guide = GirsanovGuide(model, prior_starts=2)
     guide(y)
-    assert len(starts) == 1 + global_laplace.PRIOR_STARTS
+    assert len(starts) == 3
     assert torch.allclose(guide.latent_guide.loc.detach(), best)

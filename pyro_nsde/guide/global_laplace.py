@@ -49,8 +49,6 @@ HESSIAN_STEP = 1e-3
 DIVERGED_LOSS = 1e30
 #: Restarts of the mode search from a saddle point.
 SADDLE_ESCAPES = 2
-#: Searches of the mode from draws of the prior, besides the one from the family's start.
-PRIOR_STARTS = 2
 
 
 class MarginalDensity:
@@ -133,7 +131,7 @@ class MarginalDensity:
         return log_joint(trace, POINTS_PLATE) - log_q + log_jacobian
 
 
-def laplace_start(guide, args, kwargs, *, max_iterations: int = 100) -> bool:
+def laplace_start(guide, args, kwargs, *, max_iterations: int = 100, prior_starts: int = 0) -> bool:
     """Set the latent family of ``guide`` to the Laplace approximation ``N(η̂, H⁻¹)`` of the
     marginal posterior of its sites (see the module docstring): the location at ``η̂``, the
     scale (a full ``H⁻¹`` for multivariate families, its marginal sds otherwise) from ``H``.
@@ -150,17 +148,18 @@ def laplace_start(guide, args, kwargs, *, max_iterations: int = 100) -> bool:
     started (on monthly CO2, ``ℓ`` 269 or 280 against 236 or 217 at the start; the modes of
     the other seeds are at 282).
 
-    Besides the family's start, the search starts from :data:`PRIOR_STARTS` draws of the
-    prior, and the point of the highest ``ℓ`` is kept: on quarterly Danish inflation one
-    seed's search from the family's start stopped at ``ℓ = -147`` (all noise, ``σ_obs`` 1.6
-    sd), the others at -110 to -114. (Keeping the largest Laplace mass ``ℓ - ½ log det H``
-    instead forecast worse on the README's backtests: mean interval-score ratio 1.03 against
-    0.96 at 90 %.)"""
+    With ``prior_starts``, the search also starts from that many draws of the prior, and the
+    point of the highest ``ℓ`` is kept (``ℓ`` is exact for linear-Gaussian models; on the
+    demo's Lotka–Volterra two extra starts cost 1.3–1.8 s and gave no better fit): on
+    quarterly Danish inflation one seed's search from the family's start stopped at
+    ``ℓ = -147`` (all noise, ``σ_obs`` 1.6 sd), the others at -110 to -114. (Keeping the
+    largest Laplace mass ``ℓ - ½ log det H`` instead forecast worse on the README's
+    backtests: mean interval-score ratio 1.03 against 0.96 at 90 %.)"""
     density = MarginalDensity(guide, args, kwargs)
     best = -math.inf, None, None
-    for start in [density.initial(), *density.prior_draws(PRIOR_STARTS)]:
+    for start in [density.initial(), *density.prior_draws(prior_starts)]:
         mode, precision = find_mode(density, start, max_iterations)
-        value = density.value(mode)
+        value = density.value(mode) if prior_starts else 0.0
         if best[1] is None or value > best[0]:
             best = value, mode, precision
     _, mode, precision = best

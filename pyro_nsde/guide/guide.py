@@ -89,6 +89,11 @@ class GirsanovGuide(AutoGuide):
         plain model). The ``"girsanov"`` estimator is then replaced by ``"plain"``: its
         gradient surrogate evaluates the prior's drift on every step, which is what the
         subsampled model saves.
+    :param int prior_starts: with the Laplace start of the other latent sites, search their
+        marginal posterior's mode from this many draws of the prior as well as from the
+        family's start, and keep the highest (``pyro-nsde fit`` uses 2: its linear models'
+        marginal density is exact, and on some series one search stops in a mode of pure
+        noise).
     :param str covariance: ``"prior"`` (the pure Girsanov mean shift), ``"diagonal"`` or
         ``"full"`` (a learned increment covariance ``S_k``; see
         :mod:`pyro_nsde.posterior.controls`).
@@ -166,6 +171,7 @@ class GirsanovGuide(AutoGuide):
         checkpoint_every: int | None = None,
         compile_step: bool = False,
         subsample_steps: int | None = None,
+        prior_starts: int = 0,
     ):
         options = GuideOptions.from_arguments(locals())
         if encoder is not None and not callable(encoder):
@@ -252,7 +258,7 @@ class GirsanovGuide(AutoGuide):
             if self.options.latents == "hierarchical":
                 population_start(self, args, kwargs)
             else:
-                laplace_start(self, args, kwargs)
+                laplace_start(self, args, kwargs, prior_starts=self.options.prior_starts)
 
     def _classify_sites(self):
         """``({path site: to_event dims}, [other latent sites])``, in model order."""

@@ -67,6 +67,7 @@ class GuideOptions:
     checkpoint_every: int | None = None
     compile_step: bool = False
     subsample_steps: int | None = None
+    prior_starts: int = 0
 
     def __post_init__(self):
         check_choice("estimator", self.estimator, ESTIMATORS)
@@ -92,6 +93,8 @@ class GuideOptions:
         check_bool("compile_step", self.compile_step)
         check_positive_int("refresh_every", self.refresh_every, optional=True)
         check_positive_int("subsample_steps", self.subsample_steps, optional=True)
+        if not (isinstance(self.prior_starts, int) and self.prior_starts >= 0):
+            raise ValueError(f"prior_starts must be an int >= 0, but got {self.prior_starts!r}")
         if self.subsample_steps is not None and self.estimator == "girsanov":
             # Its surrogate evaluates the prior's drift on every step: what subsampling saves.
             object.__setattr__(self, "estimator", "plain")
