@@ -158,7 +158,7 @@ def guide_draws(model, guide, args, kwargs, num_draws: int, num_chains: int = 1)
         )
         nesting = plate_nesting(reference, guide_trace)
         sites = describe_sites(reference, nesting)
-        rounds = []
+        rounds, kept = [], 0
         for _ in range(MAX_DRAW_ROUNDS):
             log_weights, trace, _ = vectorized_importance_weights(
                 model, guide, *args, num_samples=num_draws, max_plate_nesting=nesting, **kwargs
@@ -166,7 +166,8 @@ def guide_draws(model, guide, args, kwargs, num_draws: int, num_chains: int = 1)
             log_weights = log_weights.reshape(-1)
             finite = torch.isfinite(log_weights)
             rounds.append((log_weights, trace, finite))
-            if sum(int(f.sum()) for *_, f in rounds) >= num_draws:
+            kept += int(finite.sum())
+            if kept >= num_draws:
                 break
     if len(rounds) > 1 or not bool(finite.all()):
         trace, log_weights = _finite_draws(model, rounds, sites, num_draws, nesting, args, kwargs)
@@ -187,8 +188,8 @@ def guide_draws(model, guide, args, kwargs, num_draws: int, num_chains: int = 1)
 def _finite_draws(model, rounds, sites, num_draws, nesting, args, kwargs):
     """The first ``num_draws`` draws with finite weights of ``rounds`` (``(log weights,
     vectorized trace, finite)`` each): the model's trace on them and their weights."""
-    left_out = sum(int((~f).sum()) for *_, f in rounds)
     kept = sum(int(f.sum()) for *_, f in rounds)
+    left_out = sum(len(f) for *_, f in rounds) - kept
     if kept < num_draws:
         raise ValueError(
             f"{left_out} of {left_out + kept} guide draws have a path or likelihood that is not "

@@ -261,15 +261,15 @@ def forecast_table(draws, times, columns, loc=0.0, scale=1.0) -> "pandas.DataFra
     import pandas
 
     values = np.asarray(loc) + np.asarray(scale) * np.asarray(draws, dtype=np.float64)
-    quantiles = np.quantile(values, QUANTILES, axis=0)  # (Q, J, D)
-    rows = []
-    for j, time in enumerate(np.asarray(times, dtype=np.float64)):
-        for i, name in enumerate(columns):
-            row = {"time": time, "series": name, "mean": float(values[:, j, i].mean())}
-            for q, value in zip(QUANTILES, quantiles[:, j, i], strict=True):
-                row[f"q{round(100 * q):02d}"] = float(value)
-            rows.append(row)
-    return pandas.DataFrame(rows, columns=["time", "series", "mean", *_QUANTILE_COLUMNS])
+    num_times, num_series = values.shape[1:]
+    table = {
+        "time": np.repeat(np.asarray(times, dtype=np.float64), num_series),
+        "series": np.tile(np.asarray(columns, dtype=object), num_times),
+        "mean": values.mean(0).reshape(-1),
+    }
+    quantiles = np.quantile(values, QUANTILES, axis=0)  # (Q, J, D): rows time-major
+    table.update(zip(_QUANTILE_COLUMNS, quantiles.reshape(len(QUANTILES), -1), strict=True))
+    return pandas.DataFrame(table)
 
 
 __all__ = ["QUANTILES", "forecast", "forecast_observations", "forecast_table"]
