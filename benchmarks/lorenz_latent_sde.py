@@ -87,6 +87,8 @@ from torch.distributions import Normal, kl_divergence
 import pyro_nsde
 from pyro_nsde import GirsanovGuide
 from pyro_nsde.analysis.predict import predictive_paths
+from pyro_nsde.sde.sites import unwrap_path_distribution
+from pyro_nsde.sde.subsample import SubsampledEulerMaruyama
 from pyro_nsde.zoo.encoders import GRUEncoder
 from pyro_nsde.zoo.nn import DiffusionNet, DriftNet, PosteriorDriftControl
 from pyro_nsde.zoo.series import GriddedSeries
@@ -431,6 +433,10 @@ def run(name: str, problem: Problem, args: argparse.Namespace, rng: torch.Tensor
         if out_of_time:
             break
     elbo_end = impl.elbo()
+    estimator_sd = None
+    if args.estimator_sd and isinstance(impl, PyroNSDE):
+        estimator_sd = subsampled_sd(impl, args.estimator_sd)
+        print(f"  {name}: sd of log p(paths) estimates {estimator_sd}", flush=True)
     rmse, coverage = forecast_scores(impl.forecast(problem.future_times, args.draws), problem.y)
     timed = seconds[args.warmup :] or seconds  # a budget may stop within the warm-up
     quartiles = torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)
@@ -447,12 +453,37 @@ def run(name: str, problem: Problem, args: argparse.Namespace, rng: torch.Tensor
         elbo_end=elbo_end,
         forecast_rmse=rmse,
         forecast_90_coverage=coverage,
+        estimator_sd=estimator_sd,
     )
     print(
         f"  {name}: {median:.3f} s/step (median of {len(timed)}), ELBO {elbo_start:.4g} -> "
         f"{elbo_end:.4g}, forecast RMSE {rmse:.3f}, 90 % coverage {coverage:.2f}",
         flush=True,
     )
+    return result
+
+
+def subsampled_sd(impl, draws, repeats: int = 100, guide_draws: int = 10) -> dict:
+    """At the trained model: the sd of ``subsample_steps``' estimate of ``log p(paths)``
+    (summed over the series) of one draw of the guide, per ``R``, against the sd over
+    ``guide_draws`` draws of the exact ``log p(paths) - log q(paths)`` (the noise the ELBO
+    of one draw has anyway)."""
+    result = {}
+    with torch.no_grad():
+        ratios = []
+        for _ in range(guide_draws):
+            guide_trace = poutine.trace(impl.guide).get_trace(impl.data)
+            replayed = poutine.replay(impl.model, trace=guide_trace)
+            model_trace = poutine.trace(replayed).get_trace(impl.data)
+            path = guide_trace.nodes["z"]["value"]
+            law, _ = unwrap_path_distribution(model_trace.nodes["z"]["fn"])
+            lq = guide_trace.nodes["z"]["fn"].log_prob(path).sum()
+            ratios.append(float(law.log_prob(path).sum() - lq))
+        result["log p - log q, over guide draws"] = statistics.stdev(ratios)
+        for num in draws:
+            sub = SubsampledEulerMaruyama(law, num)
+            values = [float(sub.log_prob(path).sum()) for _ in range(repeats)]
+            result[f"R = {num}"] = statistics.stdev(values)
     return result
 
 
@@ -552,6 +583,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--subsample",
         type=int,
         help="train pyro-nsde-diagonal on this many steps per path (subsample_steps)",
+    )
+    parser.add_argument(
+        "--estimator-sd",
+        type=int,
+        nargs="+",
+        metavar="R",
+        help="after training, the sd of subsample_steps' estimate of log p(paths) per R",
     )
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     parser.add_argument("--seed", type=int, default=0)

@@ -94,6 +94,15 @@ class GirsanovGuide(AutoGuide):
         family's start, and keep the highest (``pyro-nsde fit`` uses 2: its linear models'
         marginal density is exact, and on some series one search stops in a mode of pure
         noise).
+    :param str warp: ``"spline"``: with ``control="linear"``, the path is the Gauss–Markov
+        chain mapped state by state through a learned monotone spline of each coordinate,
+        shared by every step and series (:mod:`pyro_nsde.posterior.warped`): a family with
+        more than one mode (paths that may or may not have switched between the wells of a
+        double well) that is still drawn without the prior's networks, so it trains under
+        :func:`~pyro_nsde.subsample_steps`. It starts at the identity (the Gauss–Markov
+        family); its density stays exact. Uses the ``"plain"`` estimator; the coefficients
+        start at the Laplace fit and move with its refreshes, but do not follow the
+        parameters drawn with the path (``conditional=None``). ``None`` (default): no warp.
     :param str covariance: ``"prior"`` (the pure Girsanov mean shift), ``"diagonal"`` or
         ``"full"`` (a learned increment covariance ``S_k``; see
         :mod:`pyro_nsde.posterior.controls`).
@@ -172,6 +181,7 @@ class GirsanovGuide(AutoGuide):
         compile_step: bool = False,
         subsample_steps: int | None = None,
         prior_starts: int = 0,
+        warp: str | None = None,
     ):
         options = GuideOptions.from_arguments(locals())
         if encoder is not None and not callable(encoder):
@@ -222,6 +232,7 @@ class GirsanovGuide(AutoGuide):
         self.x0_scales = PyroModule()
         self.x0_heads = nn.ModuleDict()
         self.x0_slopes = PyroModule()  # ∂ E[x_0] / ∂ η where q(x_0) follows the parameters
+        self.warps = PyroModule()
         self.sites = {}
         for name, ndims in paths.items():
             conditional = choose_conditional(
@@ -253,6 +264,9 @@ class GirsanovGuide(AutoGuide):
                     self.refresh_all(*args, **kwargs)
                 else:
                     self._fit_paths(values, self._create_plates(*args, **kwargs), args, kwargs)
+            for site in self.sites.values():
+                if site.warped and getattr(site.conditional, "path", None) is not None:
+                    site.warp.calibrate(site.conditional.path)  # the box over the fitted path
         if self.options.init_latents == "laplace" and self.latent_guide is not None:
             latent_values(self.latent_guide, args, kwargs, median=True)  # sets the family up
             if self.options.latents == "hierarchical":

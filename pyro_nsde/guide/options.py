@@ -44,6 +44,8 @@ PATH_INITS = ("laplace", "prior")
 CONDITIONALS = ("auto", "kalman", "taylor", None)
 #: Where the family of the other latent sites starts (``init_latents``).
 LATENT_INITS = ("auto", "laplace", None)
+#: The warps of ``control="linear"`` (``warp``): none, or a monotone spline of each coordinate.
+WARPS = (None, "spline")
 #: ``latents="auto"`` is multivariate up to this many unconstrained coordinates.
 MAX_MULTIVARIATE = 100
 
@@ -68,6 +70,7 @@ class GuideOptions:
     compile_step: bool = False
     subsample_steps: int | None = None
     prior_starts: int = 0
+    warp: str | None = None
 
     def __post_init__(self):
         check_choice("estimator", self.estimator, ESTIMATORS)
@@ -95,8 +98,16 @@ class GuideOptions:
         check_positive_int("subsample_steps", self.subsample_steps, optional=True)
         if not (isinstance(self.prior_starts, int) and self.prior_starts >= 0):
             raise ValueError(f"prior_starts must be an int >= 0, but got {self.prior_starts!r}")
-        if self.subsample_steps is not None and self.estimator == "girsanov":
-            # Its surrogate evaluates the prior's drift on every step: what subsampling saves.
+        check_choice("warp", self.warp, WARPS)
+        if self.warp is not None:
+            if self.estimator == "stl":
+                raise ValueError(
+                    "estimator='stl' is not available with a warp (its surrogate is the "
+                    "chain's, not the warped path's): use 'plain'"
+                )
+        if self.estimator == "girsanov" and (self.subsample_steps is not None or self.warp):
+            # Subsampling: its surrogate evaluates the prior's drift on every step, what
+            # subsampling saves. A warp: the model scores the warped path, not the chain.
             object.__setattr__(self, "estimator", "plain")
         object.__setattr__(self, "init_scale", float(self.init_scale))
         object.__setattr__(self, "hidden_dims", tuple(self.hidden_dims))
@@ -140,6 +151,9 @@ def resolve(options: GuideOptions, trace, paths, others, *, encoded: bool, subsa
         if local and all(univariate(trace.nodes[name]["fn"]) for name in local):
             latents = "hierarchical"
     conditional = "kalman" if options.conditional == "auto" else options.conditional
+    if options.warp is not None:
+        _check_warp(controls, options.conditional)
+        conditional = None
     init_latents = options.init_latents
     if init_latents == "auto":
         kalman = coefficients and conditional == "kalman" and options.init_path == "laplace"
@@ -172,6 +186,21 @@ def resolve(options: GuideOptions, trace, paths, others, *, encoded: bool, subsa
     )
 
 
+def _check_warp(controls: dict, conditional) -> None:
+    """A warp is for Gauss–Markov paths whose coefficients do not follow the parameters."""
+    if any(spec != "linear" for spec in controls.values()):
+        raise ValueError(
+            f"warp is for control='linear' (a Gauss-Markov chain under the warp), but the "
+            f"controls are {controls}"
+        )
+    if conditional not in ("auto", None):
+        raise ValueError(
+            f"conditional={conditional!r} is not available with a warp: the Kalman and "
+            f"Taylor coefficients describe the path, not the chain under the warp; use "
+            f"conditional=None (the default with a warp)"
+        )
+
+
 def _auto_control(prior, covariance: str, encoded: bool) -> str:
     """``"linear"`` where the Gauss–Markov family admits ``prior``, else ``"affine"`` (without
     an encoder) or ``"mlp"``."""
@@ -190,6 +219,7 @@ __all__ = [
     "LATENT_INITS",
     "MAX_MULTIVARIATE",
     "PATH_INITS",
+    "WARPS",
     "GuideOptions",
     "resolve",
 ]

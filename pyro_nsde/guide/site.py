@@ -17,6 +17,7 @@ from torch.distributions import Distribution
 
 from ..posterior.controls import PerStepCoefficients, context_has_steps
 from ..posterior.gauss_markov import GaussMarkovEulerMaruyama, LinearCoefficients
+from ..posterior.warped import PathWarp, WarpedEulerMaruyama
 from ..sde.checks import broadcasts_to
 from ..sde.sites import full_size, unwrap_path_distribution
 from . import sweep
@@ -70,7 +71,12 @@ class PathSite:
         )
         control = make_control(options.control_for(name), prior, settings, node["value"])
         deep_setattr(guide.controls, name, control)
-        self._controls = guide.controls
+        self._controls, self._warps = guide.controls, guide.warps
+        self.warped = options.warp is not None
+        if self.warped:
+            warp = PathWarp(prior.state_dim)
+            warp.calibrate(node["value"])
+            deep_setattr(guide.warps, name, warp)
         self.initial = self._initial_state(guide, prior, context, context_dim, param_dim)
 
     def _initial_state(self, guide, prior, context, context_dim, param_dim):
@@ -116,6 +122,11 @@ class PathSite:
         """The site's control (a module or callable)."""
         return attrgetter(self.name)(self._controls)
 
+    @property
+    def warp(self):
+        """The site's :class:`~pyro_nsde.posterior.warped.PathWarp`, or ``None``."""
+        return attrgetter(self.name)(self._warps) if self.warped else None
+
     def control_slot(self, attr: str) -> ParamSlot:
         """The control's parameter ``attr`` as a :class:`~pyro_nsde.guide.slots.ParamSlot`."""
         return ParamSlot(self.control, attr)
@@ -154,6 +165,8 @@ class PathSite:
             posterior = GaussMarkovEulerMaruyama(
                 prior, control, init=init, estimator=options.estimator
             )
+            if self.warped:
+                posterior = WarpedEulerMaruyama(posterior, self.warp)
         else:
             posterior = prior.girsanov(
                 control,

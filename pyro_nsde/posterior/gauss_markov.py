@@ -172,6 +172,10 @@ class LinearControl(PerStepCoefficients):
         )
 
 
+def _zero_drift(t, x):
+    return torch.zeros_like(x)
+
+
 def _noise_free_projection(factor, d: int):
     """``I - G G⁺`` ``(..., d, d)`` when ``G`` does not reach every direction, else ``None``."""
     if factor.rank >= d:
@@ -242,6 +246,18 @@ class GaussMarkovEulerMaruyama(GirsanovEulerMaruyama):
     def expand(self, batch_shape, _instance=None):
         new = self._get_checked_instance(GaussMarkovEulerMaruyama, _instance)
         return super().expand(batch_shape, _instance=new)
+
+    def _path_gradient_surrogate(self, value, drift=None):
+        """As the base class's; where the noise reaches every direction the prior's drift
+        cancels from ``log q`` (each step is ``x_{k+1} - x_k - h_k v_k(x_k) = sqrt(h_k) G_k
+        S_k ξ_k``), so it is not evaluated: "sticking the landing" then costs no call of the
+        prior's networks, as :func:`~pyro_nsde.subsample_steps` needs."""
+        prior = self.prior
+        ranks = {"diagonal": prior.state_dim, "scalar": 1}
+        rank = ranks.get(prior.noise_type, min(prior.state_dim, prior.noise_dim))
+        if rank >= prior.state_dim:
+            drift = _zero_drift
+        return super()._path_gradient_surrogate(value, drift)
 
     def _simulate(self, x0, eps):
         prior, coefficients = self.prior, self.control

@@ -198,8 +198,8 @@ class GirsanovEulerMaruyama(TorchDistribution):
             return self.init.log_prob(value[..., 0, :])
         return 0.0
 
-    def _exact_log_prob(self, value):
-        res = self.prior.residuals(value, self.batch_shape)
+    def _exact_log_prob(self, value, drift=None):
+        res = self.prior.residuals(value, self.batch_shape, drift)
         u, scale = self.control.at_all_steps(
             res.t, res.h.unsqueeze(-1), res.x, (res.f, res.factor.g)
         )
@@ -235,10 +235,11 @@ class GirsanovEulerMaruyama(TorchDistribution):
                 lq = lq.detach() + self._path_gradient_surrogate(value)
         return lq
 
-    def _path_gradient_surrogate(self, value):
-        """Zero-valued term whose gradient is ``∇_x log q(x) · ∂x/∂params``."""
+    def _path_gradient_surrogate(self, value, drift=None):
+        """Zero-valued term whose gradient is ``∇_x log q(x) · ∂x/∂params`` (``drift``: one
+        to evaluate in place of the prior's where it cancels from ``log q``)."""
         point = value.detach().requires_grad_()
         with torch.enable_grad():
-            (score,) = torch.autograd.grad(self._exact_log_prob(point).sum(), point)
+            (score,) = torch.autograd.grad(self._exact_log_prob(point, drift).sum(), point)
         surrogate = (score * value).sum((-1, -2))
         return surrogate - surrogate.detach()

@@ -497,11 +497,12 @@ class EulerMaruyama(TorchDistribution):
             return self.init.log_prob(value[..., 0, :])
         return 0.0
 
-    def residuals(self, value: torch.Tensor, batch_shape=None) -> Residuals:
+    def residuals(self, value: torch.Tensor, batch_shape=None, drift=None) -> Residuals:
         """Evaluate drift and diffusion on all steps of ``value`` in one call.
 
         ``value`` is first expanded to ``batch_shape`` (default: this law's), so that the
-        leftmost step axis cannot pair with a batch dim the value lacks.
+        leftmost step axis cannot pair with a batch dim the value lacks. ``drift``: another
+        drift to evaluate in place of this law's (default: its own).
         """
         batch_shape = self.batch_shape if batch_shape is None else batch_shape
         value = value.expand(
@@ -514,7 +515,7 @@ class EulerMaruyama(TorchDistribution):
         x = start.movedim(-2, 0)
         x_next = value[..., 1:, :].movedim(-2, 0)
         t, h = self.grid.stacked(x.dim())
-        f = at_all_steps(self.drift, t, x)
+        f = at_all_steps(self.drift if drift is None else drift, t, x)
         g = at_all_steps(self.diffusion, t, x) if callable(self.diffusion) else self.diffusion
         factor = DiffusionFactor(self.noise_type, g)
         z = factor.whiten(x_next - x - h * f)
