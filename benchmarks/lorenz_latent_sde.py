@@ -20,11 +20,13 @@ model is built from):
   ``--covariance prior`` is the pure mean shift, what torchsde's ``logqp`` computes (use it to
   compare timings); ``diagonal`` is the tutorial's choice. With ``diagonal`` and the same
   steps this row replays the tutorial's training (same data, initial weights and noise).
-- ``pyro-nsde-linear``: the same model with the tutorial's default guide, ``--guide linear``:
-  ``GirsanovGuide(control="linear", covariance="diagonal")`` with the same encoder, the
-  Gauss–Markov family sampled by a parallel scan (``--covariance`` does not apply).
-- ``pyro-nsde-diagonal``: the same with diagonal gains (``gain="diagonal"``), and with
-  ``--subsample R`` trained on ``R`` steps per path (``subsample_steps``).
+- ``pyro-nsde-linear``: the same model with ``GirsanovGuide(control="linear",
+  covariance="diagonal")`` and the same encoder, the Gauss–Markov family with full gains
+  sampled by a parallel scan (the tutorial's default until 2026-12-07; ``--covariance`` does
+  not apply).
+- ``pyro-nsde-diagonal``: the same with diagonal gains (``gain="diagonal"``, the tutorial's
+  default ``--guide linear`` now), and with ``--subsample R`` trained on ``R`` steps per path
+  (``subsample_steps``).
 - ``torchsde``: our own code mirroring torchsde's ``examples/latent_sde_lorenz.py``: a GRU
   run backward over the observations and a linear map give a context per observation time;
   ``q(z_0)`` is a Gaussian from the first context, ``p(z_0)`` a learned Gaussian; the
@@ -205,8 +207,8 @@ class PyroNSDE:
 
 
 class PyroNSDELinear(PyroNSDE):
-    """The tutorial's default ``--guide linear``: the Gauss–Markov family
-    (``control="linear"``, diagonal step scale), its coefficients from the same encoder."""
+    """The Gauss–Markov family with full gains (``control="linear"``, diagonal step scale),
+    its coefficients from the same encoder: the tutorial's default until 2026-12-07."""
 
     def make_guide(self, problem: Problem) -> GirsanovGuide:
         encoder = GRUEncoder(OBS_DIM, problem.context, problem.hidden)
@@ -215,7 +217,8 @@ class PyroNSDELinear(PyroNSDE):
 
 class PyroNSDEDiagonal(PyroNSDE):
     """The Gauss–Markov family with diagonal gains (``gain="diagonal"``): ``3 × latent``
-    coefficients a step from the encoder instead of ``latent² + 2 latent``."""
+    coefficients a step from the encoder instead of ``latent² + 2 latent`` (the tutorial's
+    default ``--guide linear``)."""
 
     def make_guide(self, problem: Problem) -> GirsanovGuide:
         encoder = GRUEncoder(OBS_DIM, problem.context, problem.hidden)

@@ -17,7 +17,9 @@ from pyro import poutine
 from pyro.infer import Trace_ELBO
 
 from pyro_nsde import EulerMaruyama, GirsanovGuide, fit_svi, subsample_steps
+from pyro_nsde.sde import records
 from pyro_nsde.sde.subsample import SubsampledEulerMaruyama, strata
+from pyro_nsde.zoo.nn import PosteriorDriftControl
 
 NUM_DRAWS = 3000
 
@@ -172,8 +174,55 @@ def test_the_subsampled_guide_does_not_see_the_replacement():
 
 
 def test_the_guide_argument_keeps_the_gradient_estimator_off_the_drift():
-    assert GirsanovGuide(ou_model, subsample_steps=25).options.estimator == "plain"
-    assert GirsanovGuide(ou_model, subsample_steps=25, estimator="stl").options.estimator == "stl"
+    y = simulated()
+
+    def estimator(**options):
+        guide = GirsanovGuide(ou_model, subsample_steps=25, **options)
+        guide(y)
+        return guide.options.estimator
+
+    assert estimator() == "stl"  # its surrogate does not call the drift of a Gauss-Markov path
+    assert estimator(control="mlp") == "plain"  # a network control: the plain estimator
+    assert estimator(estimator="plain") == "plain"
     assert GirsanovGuide(ou_model).options.estimator == "girsanov"
     with pytest.raises(ValueError, match="subsample_steps"):
         GirsanovGuide(ou_model, subsample_steps=0)
+
+
+@pytest.mark.parametrize("state_dependent", [False, True], ids=["constant-G", "state-G"])
+def test_a_posterior_drift_control_is_simulated_without_the_prior_drift(state_dependent):
+    """``drift_free=True``: the same chain (``f + G G⁻¹ (v - f) = v``) and the same densities
+    and Girsanov terms, with the prior's drift not evaluated while sampling."""
+    calls = []
+
+    def drift(t, x):
+        calls.append(x.shape)
+        return torch.sin(2 * x) - 0.3 * x
+
+    diffusion = (lambda t, x: 0.3 + 0.1 * torch.tanh(x)) if state_dependent else None
+    if diffusion is None:
+        diffusion = torch.tensor([0.4, 0.3], dtype=torch.float64)
+    generator = torch.Generator().manual_seed(0)
+    times = torch.cumsum(torch.rand(41, generator=generator, dtype=torch.float64) * 0.05 + 0.01, 0)
+    init = dist.Normal(torch.zeros(2, dtype=torch.float64), 1.0).to_event(1)
+    prior = EulerMaruyama(drift, diffusion, init, times).expand([3])
+    control = PosteriorDriftControl(drift, diffusion, 2, 0, (16,), "diagonal").double()
+    with torch.no_grad():
+        for parameter in control.parameters():
+            parameter.add_(
+                0.3 * torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype)
+            )
+    paths, laws = [], []
+    for drift_free in (False, True):
+        law = prior.girsanov(control, drift_free=drift_free)
+        torch.manual_seed(1)
+        calls.clear()
+        paths.append(law.rsample((2,)))
+        laws.append(law)
+        if drift_free:
+            assert not calls  # the prior's drift is not evaluated while sampling
+    assert torch.allclose(paths[0], paths[1], atol=1e-10)
+    for name in ("posterior_log_prob", "prior_log_prob", "kl"):
+        a, b = (getattr(records.find(x).steps, name)() for x in paths)
+        assert torch.allclose(a, b, atol=1e-8), name
+    assert torch.allclose(laws[1].log_prob(paths[1]), laws[0].log_prob(paths[0]), atol=1e-8)

@@ -11,9 +11,9 @@ import pytest
 import torch
 from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO
+from test_gauss_markov import gauss_markov_law
 
 from pyro_nsde import EulerMaruyama, GirsanovGuide, subsample_steps
-from pyro_nsde.posterior.gauss_markov import GaussMarkovEulerMaruyama, LinearControl
 from pyro_nsde.posterior.warped import PathWarp, WarpedEulerMaruyama
 
 
@@ -26,24 +26,6 @@ def shaped_warp(state_dim, seed=0, size=1.0):
             noise = torch.randn(param.shape, generator=generator, dtype=param.dtype)
             param.copy_(size * noise / warp.step_scale)
     return warp
-
-
-def gauss_markov_law(num_steps, state_dim, batch=(), seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    times = torch.cumsum(
-        torch.rand(num_steps + 1, generator=generator, dtype=torch.float64) * 0.2 + 0.05, 0
-    )
-    prior = EulerMaruyama(
-        lambda t, x: torch.sin(x) - 0.5 * x,
-        torch.full((state_dim,), 0.7, dtype=torch.float64),
-        dist.Normal(torch.zeros(state_dim, dtype=torch.float64), 1.0).to_event(1),
-        times,
-    )
-    control = LinearControl(num_steps, state_dim, batch_shape=batch, covariance="diagonal").double()
-    with torch.no_grad():
-        for param in control.parameters():
-            param.add_(0.3 * torch.randn(param.shape, generator=generator, dtype=param.dtype))
-    return GaussMarkovEulerMaruyama(prior, control)
 
 
 def test_the_warp_starts_at_the_identity_and_inverts():
@@ -110,14 +92,12 @@ DATA = torch.linspace(-1, 1, 9).reshape(1, 9, 1) * torch.tensor([1.0, -1.0, 0.5]
 
 def test_options_with_a_warp():
     guide = GirsanovGuide(sin_model, control="linear", covariance="diagonal", warp="spline")
-    assert guide.options.estimator == "plain"  # the model scores the warped path
+    assert guide.options.estimator == "stl"  # the model scores the warped path
     guide(DATA)
     assert guide.options.conditional is None
     assert any(name.startswith("warps.") for name, _ in guide.named_parameters())
     with pytest.raises(ValueError, match="control='linear'"):
         GirsanovGuide(sin_model, control="affine", warp="spline")(DATA)
-    with pytest.raises(ValueError, match="stl"):
-        GirsanovGuide(sin_model, control="linear", warp="spline", estimator="stl")
     with pytest.raises(ValueError, match="conditional"):
         GirsanovGuide(sin_model, control="linear", warp="spline", conditional="kalman")(DATA)
     with pytest.raises(ValueError, match="warp"):
@@ -142,9 +122,10 @@ def test_at_its_start_the_warped_guide_is_the_gauss_markov_guide():
 def test_the_subsampled_elbo_with_a_warp_is_unbiased_and_it_trains():
     pyro.clear_param_store()
     pyro.set_rng_seed(0)
-    guide = GirsanovGuide(
-        sin_model, control="linear", covariance="diagonal", warp="spline", subsample_steps=8
-    )
+    with pytest.warns(UserWarning, match="all steps"):
+        guide = GirsanovGuide(
+            sin_model, control="linear", covariance="diagonal", warp="spline", subsample_steps=8
+        )
     guide(DATA)
     with torch.no_grad():  # a warp far from the identity
         for param in guide.warps.x.parameters():
@@ -155,7 +136,7 @@ def test_the_subsampled_elbo_with_a_warp_is_unbiased_and_it_trains():
     estimates = []
     for _ in range(300):
         model = poutine.replay(subsample_steps(sin_model, 8), trace=guide_trace)
-        estimates.append(float(poutine.trace(model).get_trace(DATA).log_prob_sum()))
+        estimates.append(float(poutine.trace(model).get_trace(DATA).log_prob_sum().detach()))
     estimates = torch.tensor(estimates)
     error = float(estimates.std()) / math.sqrt(len(estimates))
     assert abs(float(estimates.mean()) - full) < 4.5 * error + 1e-3
@@ -168,24 +149,19 @@ def test_the_subsampled_elbo_with_a_warp_is_unbiased_and_it_trains():
     assert moved > 1e-3  # the warp is trained with the rest
 
 
-@pytest.mark.parametrize("noise", ["diagonal", "general"])
-def test_sticking_the_landing_without_the_prior_drift(noise):
-    """Where the noise reaches every direction the prior's drift cancels from the Gauss–Markov
-    chain's ``log q``: the surrogate of ``estimator="stl"`` evaluated without it has the same
-    value and the same gradients as with it."""
-    law = gauss_markov_law(20, 2, batch=(3,), seed=2)
-    if noise == "general":
-        prior = law.prior
-        g = torch.tensor([[0.7, 0.2], [-0.1, 0.5]], dtype=torch.float64)
-        prior = EulerMaruyama(prior.drift, g, prior.init, prior.times, noise_type="general")
-        law = GaussMarkovEulerMaruyama(prior, law.control)
-    x = law.rsample().detach()
-    zero = lambda t, x: torch.zeros_like(x)  # noqa: E731
-    assert torch.allclose(law._exact_log_prob(x, zero), law._exact_log_prob(x), atol=1e-9)
-    # The surrogate is (score · x) less its value: its gradient in x is the score.
-    point = x.clone().requires_grad_()
-    with_drift = super(GaussMarkovEulerMaruyama, law)._path_gradient_surrogate(point, None)
-    (expected,) = torch.autograd.grad(with_drift.sum(), point)
-    (got,) = torch.autograd.grad(law._path_gradient_surrogate(point).sum(), point)
-    assert expected.abs().max() > 0.1
-    assert torch.allclose(got, expected, atol=1e-8)
+def test_sticking_the_landing_drops_the_score_at_the_fixed_path():
+    """``estimator="stl"``: the value is the exact density and the gradient is the plain one
+    less ``∂ log q / ∂φ`` at the path held fixed."""
+    base = gauss_markov_law(15, 2, batch=(2,), seed=4)
+    warp = shaped_warp(2, seed=5, size=0.5)
+    params = list(warp.parameters())
+    torch.manual_seed(0)
+    law = WarpedEulerMaruyama(base, warp, "stl")
+    x = law.rsample()
+    stl = law.log_prob(x)
+    assert torch.allclose(stl, law.log_density(x))
+    (got,) = torch.autograd.grad(stl.sum(), params[:1], retain_graph=True)
+    (plain,) = torch.autograd.grad(law.log_density(x).sum(), params[:1], retain_graph=True)
+    (direct,) = torch.autograd.grad(law._exact_log_prob(x.detach()).sum(), params[:1])
+    assert direct.abs().max() > 1e-3
+    assert torch.allclose(got, plain - direct, atol=1e-6)

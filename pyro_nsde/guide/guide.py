@@ -86,9 +86,13 @@ class GirsanovGuide(AutoGuide):
         :class:`~pyro_nsde.posterior.girsanov.GirsanovEulerMaruyama`.
     :param int subsample_steps: the number of steps per path of the model's
         :func:`~pyro_nsde.subsample_steps` this guide is trained against (``None``: the
-        plain model). The ``"girsanov"`` estimator is then replaced by ``"plain"``: its
-        gradient surrogate evaluates the prior's drift on every step, which is what the
-        subsampled model saves.
+        plain model). The ``"girsanov"`` estimator is then replaced: its gradient surrogate
+        evaluates the prior's drift on every step, which is what the subsampled model saves.
+        With ``control="linear"`` by ``"stl"`` (the drift cancels from the Gauss–Markov
+        chain's density where the noise reaches every direction; its gradients are as quiet),
+        with network controls by ``"plain"``; a control with a ``posterior_drift`` method
+        (:class:`~pyro_nsde.zoo.nn.PosteriorDriftControl`) is then simulated with that drift
+        itself, without the prior's (``drift_free``).
     :param int prior_starts: with the Laplace start of the other latent sites, search their
         marginal posterior's mode from this many draws of the prior as well as from the
         family's start, and keep the highest (``pyro-nsde fit`` uses 2: its linear models'
@@ -96,13 +100,17 @@ class GirsanovGuide(AutoGuide):
         noise).
     :param str warp: ``"spline"``: with ``control="linear"``, the path is the Gauss–Markov
         chain mapped state by state through a learned monotone spline of each coordinate,
-        shared by every step and series (:mod:`pyro_nsde.posterior.warped`): a family with
-        more than one mode (paths that may or may not have switched between the wells of a
-        double well) that is still drawn without the prior's networks, so it trains under
-        :func:`~pyro_nsde.subsample_steps`. It starts at the identity (the Gauss–Markov
-        family); its density stays exact. Uses the ``"plain"`` estimator; the coefficients
-        start at the Laplace fit and move with its refreshes, but do not follow the
-        parameters drawn with the path (``conditional=None``). ``None`` (default): no warp.
+        shared by every step and series (:mod:`pyro_nsde.posterior.warped`): two-humped
+        marginals wherever the spline is steep, still drawn without the prior's networks. It
+        starts at the identity (the Gauss–Markov family); its density stays exact. Measured
+        on a double well (``docs/neural_sdes.md`` §8): the best family on all steps with
+        dense observations, not under :func:`~pyro_nsde.subsample_steps` (it warns), and not
+        enough for sparse observations (use a
+        :class:`~pyro_nsde.zoo.nn.PosteriorDriftControl` there). Uses the ``"stl"``
+        estimator for ``"girsanov"``, which does not apply (the model scores the warped
+        path); the coefficients start at the Laplace fit and move with its refreshes, but do
+        not follow the parameters drawn with the path (``conditional=None``). ``None``
+        (default): no warp.
     :param str covariance: ``"prior"`` (the pure Girsanov mean shift), ``"diagonal"`` or
         ``"full"`` (a learned increment covariance ``S_k``; see
         :mod:`pyro_nsde.posterior.controls`).

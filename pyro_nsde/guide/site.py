@@ -166,7 +166,7 @@ class PathSite:
                 prior, control, init=init, estimator=options.estimator
             )
             if self.warped:
-                posterior = WarpedEulerMaruyama(posterior, self.warp)
+                posterior = WarpedEulerMaruyama(posterior, self.warp, options.estimator)
         else:
             posterior = prior.girsanov(
                 control,
@@ -176,6 +176,7 @@ class PathSite:
                 context_per_step=self.context_per_step,
                 checkpoint_every=options.checkpoint_every,
                 compile_step=options.compile_step,
+                drift_free=options.subsample_steps is not None,
             )
         return posterior.to_event(self.ndims) if self.ndims else posterior
 

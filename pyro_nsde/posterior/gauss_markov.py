@@ -42,7 +42,7 @@ from ..sde import records
 from ..sde.euler_maruyama import SimulatedSteps, at_all_steps
 from ..sde.noise import DiffusionFactor, apply_scale, as_matrix, diffuse, matvec
 from .controls import PerStepCoefficients, StepCoefficients
-from .girsanov import GirsanovEulerMaruyama
+from .girsanov import GirsanovEulerMaruyama, path_gradient_surrogate
 from .scan import affine_scan
 
 
@@ -247,17 +247,19 @@ class GaussMarkovEulerMaruyama(GirsanovEulerMaruyama):
         new = self._get_checked_instance(GaussMarkovEulerMaruyama, _instance)
         return super().expand(batch_shape, _instance=new)
 
-    def _path_gradient_surrogate(self, value, drift=None):
-        """As the base class's; where the noise reaches every direction the prior's drift
-        cancels from ``log q`` (each step is ``x_{k+1} - x_k - h_k v_k(x_k) = sqrt(h_k) G_k
-        S_k ξ_k``), so it is not evaluated: "sticking the landing" then costs no call of the
-        prior's networks, as :func:`~pyro_nsde.subsample_steps` needs."""
+    def chain_log_density(self, value: torch.Tensor) -> torch.Tensor:
+        """The exact log density of any path ``value``; where the noise reaches every
+        direction the prior's drift cancels from it (each step is ``x_{k+1} - x_k - h_k
+        v_k(x_k) = sqrt(h_k) G_k S_k ξ_k``) and is not evaluated."""
         prior = self.prior
         ranks = {"diagonal": prior.state_dim, "scalar": 1}
         rank = ranks.get(prior.noise_type, min(prior.state_dim, prior.noise_dim))
-        if rank >= prior.state_dim:
-            drift = _zero_drift
-        return super()._path_gradient_surrogate(value, drift)
+        return self._exact_log_prob(value, _zero_drift if rank >= prior.state_dim else None)
+
+    def _path_gradient_surrogate(self, value):
+        """As the base class's, from :meth:`chain_log_density`: "sticking the landing" then
+        costs no call of the prior's drift, as :func:`~pyro_nsde.subsample_steps` needs."""
+        return path_gradient_surrogate(self.chain_log_density, value)
 
     def _simulate(self, x0, eps):
         prior, coefficients = self.prior, self.control

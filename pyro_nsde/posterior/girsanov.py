@@ -65,6 +65,12 @@ class GirsanovEulerMaruyama(TorchDistribution):
     :param torch.Tensor params: centred unconstrained parameters ``η - η̄`` that the
         coefficients of a :class:`~pyro_nsde.posterior.controls.PerStepCoefficients` control depend
         on.
+    :param bool drift_free: for a control with a ``posterior_drift`` method (e.g.
+        :class:`~pyro_nsde.zoo.nn.PosteriorDriftControl`), simulate with the posterior drift
+        ``v`` itself, ``x_{k+1} = x_k + h_k v_k + G_k S_k sqrt(h_k) ξ_k``, without evaluating the
+        prior's drift (the same chain: ``f + G G⁻¹ (v - f) = v``); the Girsanov terms of the
+        record then evaluate it on all steps in one call, if asked for. What a model under
+        :func:`~pyro_nsde.subsample_steps` needs, with the ``"plain"`` estimator.
     :param bool compile_step: simulate with the Euler–Maruyama step compiled by
         :func:`torch.compile` (one fused graph for drift, diffusion, control and update; falls
         back to eager execution where compilation fails). Pays on long training runs only: the
@@ -97,6 +103,7 @@ class GirsanovEulerMaruyama(TorchDistribution):
         checkpoint_every: int | None = None,
         compile_step: bool = False,
         params: torch.Tensor | None = None,
+        drift_free: bool = False,
         validate_args=None,
     ):
         if not isinstance(prior, EulerMaruyama):
@@ -143,6 +150,7 @@ class GirsanovEulerMaruyama(TorchDistribution):
                     batch, context.shape[: -2 if context_per_step else -1]
                 )
             self.control = CallableControl(control, context, bool(context_per_step), covariance)
+            self.control.drift_free = bool(drift_free) and hasattr(control, "posterior_drift")
         else:
             raise TypeError(f"control must be callable, but got {type(control).__name__}")
         super().__init__(batch, prior.event_shape, validate_args=validate_args)
@@ -235,11 +243,16 @@ class GirsanovEulerMaruyama(TorchDistribution):
                 lq = lq.detach() + self._path_gradient_surrogate(value)
         return lq
 
-    def _path_gradient_surrogate(self, value, drift=None):
-        """Zero-valued term whose gradient is ``∇_x log q(x) · ∂x/∂params`` (``drift``: one
-        to evaluate in place of the prior's where it cancels from ``log q``)."""
-        point = value.detach().requires_grad_()
-        with torch.enable_grad():
-            (score,) = torch.autograd.grad(self._exact_log_prob(point, drift).sum(), point)
-        surrogate = (score * value).sum((-1, -2))
-        return surrogate - surrogate.detach()
+    def _path_gradient_surrogate(self, value):
+        """Zero-valued term whose gradient is ``∇_x log q(x) · ∂x/∂params``."""
+        return path_gradient_surrogate(self._exact_log_prob, value)
+
+
+def path_gradient_surrogate(log_density, value: torch.Tensor) -> torch.Tensor:
+    """A zero-valued term whose gradient is ``∇_x log q(x) · ∂x/∂params`` (the score at the
+    path held fixed; "sticking the landing"), for the exact ``log_density`` of ``q``."""
+    point = value.detach().requires_grad_()
+    with torch.enable_grad():
+        (score,) = torch.autograd.grad(log_density(point).sum(), point)
+    surrogate = (score * value).sum((-1, -2))
+    return surrogate - surrogate.detach()

@@ -216,9 +216,24 @@ def simulate(law, x0, eps, control=None, checkpoint_every=None, compile_step=Fal
     # Controls may return fewer batch dims than the state; align them step-major.
     covariance = control.covariance
     shift = time_first(us, eps.dim())
+    if getattr(control, "drift_free", False):  # the steps' posterior drifts v_k, not u_k
+        shift = _deferred_shift(law, factor, shift, x0, xs, eps.dim())
     if scales is not None:
         scales = time_first(scales, eps.dim() + (covariance == "full"))
     return path, SimulatedSteps(eps, h, factor, shift, scales, covariance)
+
+
+def _deferred_shift(law, factor, drifts, x0, xs, n):
+    """``u_k = G_k⁻¹ (v_k - f(t_k, x_k))`` of a drift-free simulation, as a callable that
+    evaluates the prior's drift on all steps in one call when first asked (only the Girsanov
+    terms of the record need it)."""
+
+    def shift():
+        t, _ = law.grid.stacked(n)
+        starts = torch.cat([x0.expand(xs.shape[1:]).unsqueeze(0), xs[:-1]])
+        return factor.solve(drifts - at_all_steps(law.drift, t, starts))
+
+    return shift
 
 
 def euler_step(drift, diffusion, noise_type, shift, covariance, diffused, t, h, x, noise, inputs):
@@ -246,12 +261,32 @@ def euler_step(drift, diffusion, noise_type, shift, covariance, diffused, t, h, 
     return torch.addcmul(x, h, f), g, u, scale
 
 
+def drift_free_step(diffusion, noise_type, covariance, diffused, t, h, x, noise, inputs):
+    """One step ``x' = x + h v + G S sqrt(h) ξ`` of a control that gives the posterior drift
+    ``v`` itself (``control.posterior_drift``, see :class:`~pyro_nsde.posterior.controls.
+    CallableControl`): the same step as :func:`euler_step` with ``u = G⁻¹ (v - f)``, without
+    evaluating the prior's drift ``f``. Returns ``(x', G, v, S)``."""
+    control, _, _, context = inputs
+    g = diffusion(t, x) if callable(diffusion) else diffusion
+    v, scale = control.posterior_drift(t, x, context)
+    if diffused:
+        x = x + noise
+    else:
+        x = add_diffused(noise_type, x, g, apply_scale(scale, noise, covariance))
+    return torch.addcmul(x, h, v), g, v, scale
+
+
 def _run_steps(law, control, eps, k0, k1, x, compile_step=False):
     """Steps ``k0 <= k < k1`` from state ``x``; returns step-major stacks ``(xs, G, u, S)``
     (``None`` for what does not vary per step)."""
     grid, drift, diffusion, noise_type = law.grid, law.drift, law.diffusion, law.noise_type
     step = maybe_compiled(euler_step, compile_step)
     shift = None if control is None else control.shift
+    if getattr(control, "drift_free", False):
+
+        def step(drift, diffusion, noise_type, shift, *rest):
+            return drift_free_step(diffusion, noise_type, *rest)
+
     covariance = "prior" if control is None else control.covariance
     _, h = grid.stacked(eps.dim())
     noise = h[k0:k1].sqrt() * eps[k0:k1]  # sqrt(h_k) ξ_k, all steps in one call

@@ -360,13 +360,7 @@ class PosteriorDriftControl(nn.Module):
     ):
         """``u`` ``(..., d)`` (or ``(u, S)``) at ``x`` ``(..., d)``; ``prior``: the values
         ``(f(t, x), G(t, x))`` if already known, else they are evaluated here."""
-        if self.time_features is not None:
-            features = self.time_features(_as_time(t, x))
-            parts = [features] if context is None else [features, context]
-            batch = torch.broadcast_shapes(x.shape[:-1], *(p.shape[:-1] for p in parts))
-            context = torch.cat([p.expand(batch + p.shape[-1:]) for p in parts], -1)
-        out = self.net(t, x, context)
-        v, scale = (out, None) if self.covariance == "prior" else out
+        v, scale = self.posterior_drift(t, x, context)
         if prior is None:
             drift, diffusion = self._prior
             f, g = drift(t, x), diffusion(t, x) if callable(diffusion) else diffusion
@@ -379,6 +373,19 @@ class PosteriorDriftControl(nn.Module):
             )
         u = DiffusionFactor(self.noise_type, g).whiten(v - f)
         return u if scale is None else (u, scale)
+
+    def posterior_drift(self, t: torch.Tensor, x: torch.Tensor, context=None):
+        """``(v, S)``: the posterior drift ``v(t, x, c)`` itself and the step scale (``None``
+        for ``covariance="prior"``), without the prior's drift and diffusion. The simulator
+        steps with ``v`` directly where the prior's drift is not wanted
+        (:func:`~pyro_nsde.subsample_steps`: ``f + G G⁻¹ (v - f) = v``)."""
+        if self.time_features is not None:
+            features = self.time_features(_as_time(t, x))
+            parts = [features] if context is None else [features, context]
+            batch = torch.broadcast_shapes(x.shape[:-1], *(p.shape[:-1] for p in parts))
+            context = torch.cat([p.expand(batch + p.shape[-1:]) for p in parts], -1)
+        out = self.net(t, x, context)
+        return (out, None) if self.covariance == "prior" else out
 
 
 class _PerCoordinateNet(nn.Module):
