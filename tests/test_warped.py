@@ -165,3 +165,19 @@ def test_sticking_the_landing_drops_the_score_at_the_fixed_path():
     (direct,) = torch.autograd.grad(law._exact_log_prob(x.detach()).sum(), params[:1])
     assert direct.abs().max() > 1e-3
     assert torch.allclose(got, plain - direct, atol=1e-6)
+
+
+def test_the_warp_takes_the_dtype_of_the_path():
+    def model(y):
+        with pyro.plate("series", 2):
+            init = dist.Normal(torch.zeros(1, dtype=torch.float64), 1.0).to_event(1)
+            times = torch.linspace(0.0, 2.0, 41, dtype=torch.float64)
+            drift = lambda t, x: x - x**3  # noqa: E731
+            diffusion = torch.tensor([0.5], dtype=torch.float64)
+            x = pyro.sample("x", EulerMaruyama(drift, diffusion, init, times))
+            pyro.sample("y", dist.Normal(x[..., ::10, :], 0.1).to_event(2), obs=y)
+
+    y = torch.randn(2, 5, 1, dtype=torch.float64)
+    guide = GirsanovGuide(model, control="linear", covariance="diagonal", warp="spline")
+    assert math.isfinite(Trace_ELBO().loss(model, guide, y))
+    assert guide.warps.x.widths.dtype == torch.float64

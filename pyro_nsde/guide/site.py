@@ -74,7 +74,7 @@ class PathSite:
         self._controls, self._warps = guide.controls, guide.warps
         self.warped = options.warp is not None
         if self.warped:
-            warp = PathWarp(prior.state_dim)
+            warp = PathWarp(prior.state_dim).to(node["value"].dtype)
             warp.calibrate(node["value"])
             deep_setattr(guide.warps, name, warp)
         self.initial = self._initial_state(guide, prior, context, context_dim, param_dim)
