@@ -46,31 +46,27 @@ Run (one thread)::
 """
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import pyro
 import pyro.distributions as dist
 import torch
 import torchsde
-from torch import nn
 
 from pyro_nsde import EulerMaruyama, GirsanovGuide, fit_svi, subsample_steps
 from pyro_nsde.zoo.encoders import GRUEncoder
-from pyro_nsde.zoo.nn import DiffusionNet, DriftNet, PosteriorDriftControl
+from pyro_nsde.zoo.nn import PosteriorDriftControl
 from pyro_nsde.zoo.series import GriddedSeries
 
-SIGMA, OBS_NOISE, STEP = 0.6, 0.1, 0.05
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
+
+from test_sysid import SIGMA, _DoubleWell, drift_error
+from test_sysid import make_model as sysid_model
+
+OBS_NOISE, STEP = 0.1, 0.05
 METHODS = ("gm", "warp", "gm-sub", "warp-sub", "neural", "neural-sub")
-
-
-class _DoubleWell:
-    noise_type, sde_type = "diagonal", "ito"
-
-    def f(self, t, x):
-        return x - x**3
-
-    def g(self, t, x):
-        return torch.full_like(x, SIGMA)
 
 
 def simulate(num_series, horizon, gap):
@@ -90,25 +86,15 @@ def simulate(num_series, horizon, gap):
     return data, latent
 
 
-class TrueDrift(nn.Module):
-    def forward(self, t, x):
-        return x - x**3
-
-
 def make_model(fixed: bool):
-    """``(model, drift, diffusion)``."""
-    if fixed:
-        drift = TrueDrift()
-        diffusion = torch.tensor([SIGMA])
-    else:
-        drift = DriftNet(1, (32, 32), time_frequencies=())
-        diffusion = DiffusionNet(1, hidden_dims=(), init_scale=0.5)
+    """``(model, drift, diffusion)``: ``tests/test_sysid.py``'s model with the noise of these
+    data, or (``fixed``) the same model at the truth, without parameters."""
+    if not fixed:
+        return sysid_model(OBS_NOISE)
+    drift, diffusion = _DoubleWell().f, torch.tensor([SIGMA])
     init = dist.Normal(torch.zeros(1), 2.0).to_event(1)
 
     def model(data):
-        if not fixed:
-            pyro.module("drift", drift)
-            pyro.module("diffusion", diffusion)
         with pyro.plate("series", data.num_series):
             x = pyro.sample("x", EulerMaruyama(drift, diffusion, init, data.times))
             pyro.sample("y", dist.Normal(x, OBS_NOISE).mask(data.mask).to_event(2), obs=data.values)
@@ -138,14 +124,6 @@ def exact_log_evidence(data, num_points=1401, bound=3.5) -> float:
         log_z += mass.log()
         density = density / mass.unsqueeze(-1)
     return float(log_z.sum())
-
-
-def drift_error(drift, latent):
-    with torch.no_grad():
-        visited = latent.reshape(-1, 1)
-        truth = visited - visited**3
-        error = (drift(torch.zeros(1), visited) - truth).pow(2).mean().sqrt()
-    return float(error / truth.pow(2).mean().sqrt())
 
 
 def make_guide(method, model, drift, diffusion, subsample, estimator=None):

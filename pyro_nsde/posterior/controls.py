@@ -433,17 +433,17 @@ class CallableControl:
     A control with ``uses_prior = True`` also receives ``prior=(f, G)``, the prior's drift
     and diffusion values at ``(t, x)``.
 
-    ``drift_free = True`` (where the control has a ``posterior_drift(t, x, context) -> (v,
+    ``drift_free=True`` (taken where the control has a ``posterior_drift(t, x, context) -> (v,
     S)`` method, e.g. :class:`~pyro_nsde.zoo.nn.PosteriorDriftControl`) makes the simulator
     step with the posterior drift ``v`` itself and never evaluate the prior's drift
     (:func:`~pyro_nsde.sde.euler_maruyama.drift_free_step`).
     """
 
-    def __init__(self, control, context=None, per_step=False, covariance=None):
+    def __init__(self, control, context=None, per_step=False, covariance=None, drift_free=False):
         self.control = control
         self.context = context
         self.per_step = per_step
-        self.drift_free = False
+        self.drift_free = bool(drift_free) and hasattr(control, "posterior_drift")
         self.uses_prior = bool(getattr(control, "uses_prior", False))
         if covariance is None:
             covariance = getattr(control, "covariance", "prior")

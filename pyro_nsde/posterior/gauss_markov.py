@@ -40,7 +40,7 @@ import torch
 
 from ..sde import records
 from ..sde.euler_maruyama import SimulatedSteps, at_all_steps
-from ..sde.noise import DiffusionFactor, apply_scale, as_matrix, diffuse, matvec
+from ..sde.noise import DiffusionFactor, apply_scale, as_matrix, diffuse, matvec, noise_rank
 from .controls import PerStepCoefficients, StepCoefficients
 from .girsanov import GirsanovEulerMaruyama, path_gradient_surrogate
 from .scan import affine_scan
@@ -252,8 +252,7 @@ class GaussMarkovEulerMaruyama(GirsanovEulerMaruyama):
         direction the prior's drift cancels from it (each step is ``x_{k+1} - x_k - h_k
         v_k(x_k) = sqrt(h_k) G_k S_k ξ_k``) and is not evaluated."""
         prior = self.prior
-        ranks = {"diagonal": prior.state_dim, "scalar": 1}
-        rank = ranks.get(prior.noise_type, min(prior.state_dim, prior.noise_dim))
+        rank = noise_rank(prior.noise_type, prior.state_dim, prior.noise_dim)
         return self._exact_log_prob(value, _zero_drift if rank >= prior.state_dim else None)
 
     def _path_gradient_surrogate(self, value):

@@ -149,8 +149,9 @@ class GirsanovEulerMaruyama(TorchDistribution):
                 batch = torch.broadcast_shapes(
                     batch, context.shape[: -2 if context_per_step else -1]
                 )
-            self.control = CallableControl(control, context, bool(context_per_step), covariance)
-            self.control.drift_free = bool(drift_free) and hasattr(control, "posterior_drift")
+            self.control = CallableControl(
+                control, context, bool(context_per_step), covariance, drift_free
+            )
         else:
             raise TypeError(f"control must be callable, but got {type(control).__name__}")
         super().__init__(batch, prior.event_shape, validate_args=validate_args)

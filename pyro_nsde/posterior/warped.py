@@ -172,6 +172,10 @@ class WarpedEulerMaruyama(TorchDistribution):
     def rsample(self, sample_shape=torch.Size()) -> torch.Tensor:
         return self._warp(self.base.rsample(sample_shape))
 
+    def _drew(self, value) -> bool:
+        """Whether ``value`` is this law's last draw."""
+        return self._drawn is not None and value is self._drawn[0]
+
     def skeleton(self, sample_shape=torch.Size()) -> torch.Tensor:
         """The warped noise-free path of the base chain (a typical path)."""
         return self.warp(self.base.skeleton(sample_shape))[0]
@@ -180,8 +184,7 @@ class WarpedEulerMaruyama(TorchDistribution):
         if self._validate_args:
             self._validate_sample(value)
         lq = self.log_density(value)
-        drawn = self._drawn is not None and value is self._drawn[0]
-        if self.estimator == "stl" and drawn and torch.is_grad_enabled():
+        if self.estimator == "stl" and self._drew(value) and torch.is_grad_enabled():
             lq = lq.detach() + path_gradient_surrogate(self._exact_log_prob, value)
         return lq
 
@@ -193,7 +196,7 @@ class WarpedEulerMaruyama(TorchDistribution):
         """The exact log density of ``value``, with its exact gradient (:meth:`log_prob`
         without the estimator's surrogate); reuses the draw's chain, Jacobian and record when
         this law drew ``value``."""
-        if self._drawn is not None and value is self._drawn[0]:
+        if self._drew(value):
             return self.base.log_density(self._drawn[1]) - self._drawn[2]
         return self._exact_log_prob(value)
 

@@ -261,11 +261,13 @@ def euler_step(drift, diffusion, noise_type, shift, covariance, diffused, t, h, 
     return torch.addcmul(x, h, f), g, u, scale
 
 
-def drift_free_step(diffusion, noise_type, covariance, diffused, t, h, x, noise, inputs):
+def drift_free_step(
+    drift, diffusion, noise_type, shift, covariance, diffused, t, h, x, noise, inputs
+):
     """One step ``x' = x + h v + G S sqrt(h) ξ`` of a control that gives the posterior drift
     ``v`` itself (``control.posterior_drift``, see :class:`~pyro_nsde.posterior.controls.
-    CallableControl`): the same step as :func:`euler_step` with ``u = G⁻¹ (v - f)``, without
-    evaluating the prior's drift ``f``. Returns ``(x', G, v, S)``."""
+    CallableControl`): the same step as :func:`euler_step` with ``u = G⁻¹ (v - f)``, and its
+    signature, but ``drift`` and ``shift`` are not called. Returns ``(x', G, v, S)``."""
     control, _, _, context = inputs
     g = diffusion(t, x) if callable(diffusion) else diffusion
     v, scale = control.posterior_drift(t, x, context)
@@ -281,11 +283,9 @@ def _run_steps(law, control, eps, k0, k1, x, compile_step=False):
     (``None`` for what does not vary per step)."""
     grid, drift, diffusion, noise_type = law.grid, law.drift, law.diffusion, law.noise_type
     step = maybe_compiled(euler_step, compile_step)
-    shift = None if control is None else control.shift
     if getattr(control, "drift_free", False):
-
-        def step(drift, diffusion, noise_type, shift, *rest):
-            return drift_free_step(diffusion, noise_type, *rest)
+        step = drift_free_step
+    shift = None if control is None else control.shift
 
     covariance = "prior" if control is None else control.covariance
     _, h = grid.stacked(eps.dim())

@@ -125,6 +125,16 @@ def add_diffused(noise_type: str, base: torch.Tensor, g: torch.Tensor, dw: torch
     return base + diffuse(noise_type, g, dw)
 
 
+def noise_rank(noise_type: str, state_dim: int, noise_dim: int) -> int:
+    """The rank of a (generic) diffusion of this noise type and shape: how many directions of
+    the state its noise reaches."""
+    if noise_type == "diagonal":
+        return state_dim
+    if noise_type == "scalar":
+        return 1
+    return min(state_dim, noise_dim)
+
+
 class DiffusionFactor:
     """A factorization of ``G`` that whitens residuals.
 
@@ -142,15 +152,15 @@ class DiffusionFactor:
         self.g = g
         self.rows = None
         if noise_type == "diagonal":
-            self.rank = g.shape[-1]
+            self.rank = noise_rank(noise_type, g.shape[-1], g.shape[-1])
             self.log_volume = g.abs().log().sum(-1)
         elif noise_type == "scalar":
             self._norm2 = g[..., 0].pow(2).sum(-1)
-            self.rank = 1
+            self.rank = noise_rank(noise_type, g.shape[-2], 1)
             self.log_volume = 0.5 * self._norm2.log()
         else:
             d, m = g.shape[-2:]
-            self.rank = min(d, m)
+            self.rank = noise_rank(noise_type, d, m)
             if m == d:
                 self._lu = torch.linalg.lu_factor(g)
                 self.log_volume = self._lu[0].diagonal(dim1=-2, dim2=-1).abs().log().sum(-1)
