@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import xarray as xr
 from scipy.special import logsumexp
+from scipy.stats import norm
 
 from pyro_nsde.analysis import arviz_adapter as _arviz
 from pyro_nsde.analysis.arviz_adapter import (
@@ -27,6 +28,7 @@ from pyro_nsde.analysis.arviz_adapter import (
     group,
     group_names,
     loo,
+    loo_pit,
     plot_ppc,
     plot_trace,
     summary,
@@ -160,6 +162,25 @@ def test_loo_matches_importance_sampling_loo(data):
     assert result.se == pytest.approx(np.sqrt(N * elpd_is.var()), rel=0.1)
     assert result.pareto_k.shape == (N,) and (result.pareto_k < 0.5).all()
     assert "elpd_loo" in str(result)
+
+
+@pytest.mark.parametrize("container", CONTAINERS)
+def test_loo_pit_is_the_exact_leave_one_out_predictive_cdf(container):
+    """``mu``'s posterior ``N(0.1, 0.5²)`` less the observation ``y_i ~ N(mu, 1)`` is
+    ``N(m_i, 1/3)``, ``m_i = (0.4 - y_i)/3``: the PIT of ``y_i`` under its leave-one-out
+    predictive law is ``Φ((y_i - m_i) / sqrt(4/3))`` (at ``y = 1``: 0.85, where the
+    posterior predictive law that has seen ``y_i`` gives 0.79)."""
+    rng = np.random.default_rng(1)
+    mu = 0.1 + 0.5 * rng.standard_normal((CHAINS, 2 * DRAWS))
+    values = {
+        "posterior": {"mu": mu},
+        "posterior_predictive": {"y": mu[..., None] + rng.standard_normal(mu.shape + (N,))},
+        "observed_data": {"y": Y},
+        "log_likelihood": {"y": -0.5 * (Y - mu[..., None]) ** 2 - 0.5 * np.log(2 * np.pi)},
+    }
+    data = build(values, coords={}, dims={"y": ["obs"]}, container=container)
+    exact = norm.cdf((Y - (0.4 - Y) / 3) / np.sqrt(4 / 3))
+    assert np.abs(loo_pit(data, "y") - exact).max() < 0.025
 
 
 def test_plots_return_matplotlib_figures(data):

@@ -199,11 +199,12 @@ def test_neural_sde_observes_its_first_coordinates():
 # --------------------------------------------------------------------------- coverage
 
 
-def test_interval_coverage_counts_observations_inside_the_central_interval():
-    draws = np.tile(np.arange(1.0, 101.0)[:, None], (1, 4))  # quantiles 5.95 and 95.05
-    observed = np.array([1.0, 50.0, 99.0, np.nan])
-    assert interval_coverage(draws, observed, level=0.9) == pytest.approx(1 / 3)
-    assert interval_coverage(draws, np.array([6.0, 95.0, 50.0, 60.0]), level=0.9) == 1.0
+def test_interval_coverage_counts_pit_values_inside_the_central_interval():
+    pit = np.array([0.01, 0.05, 0.3, 0.5, 0.76, 0.96, np.nan])
+    assert interval_coverage(pit, level=0.9) == pytest.approx(4 / 6)
+    assert interval_coverage(pit, level=0.5) == pytest.approx(2 / 6)
+    uniform = (np.arange(1000) + 0.5) / 1000
+    assert interval_coverage(uniform, level=0.5) == pytest.approx(0.5)
 
 
 def test_overshoot_note_names_the_series_whose_rate_overshoots_the_euler_step():
@@ -216,9 +217,9 @@ def test_overshoot_note_names_the_series_whose_rate_overshoots_the_euler_step():
     assert overshoot_note(model, theta, ["a", "b"]) is None
 
 
-def test_interval_coverage_rejects_mismatched_shapes():
-    with pytest.raises(ValueError, match="draws must have shape"):
-        interval_coverage(np.zeros((10, 3)), np.zeros(4))
+def test_interval_coverage_rejects_a_level_outside_zero_one():
+    with pytest.raises(ValueError, match="level must be in"):
+        interval_coverage(np.zeros(4), level=1.5)
 
 
 # --------------------------------------------------------------------------- commands
@@ -252,7 +253,7 @@ def test_demo_writes_netcdf_summary_and_figures(tmp_path, capsys):
     assert idata.posterior["time"].values[[0, -1]].tolist() == [1900.0, 1920.0]
     assert idata.observed_data["y"].shape == (21, 2)
     printed = capsys.readouterr().out
-    assert "posterior predictive check" in printed and "Carpenter" in printed
+    assert "leave-one-out predictive check" in printed and "Carpenter" in printed
     assert str(out / "forecast.png") in printed
 
 

@@ -2,7 +2,16 @@
 that work on both ArviZ lines, importance sampling, variational diagnostics, forecasts,
 prediction with torchsde's solvers, and plots (:mod:`pyro_nsde.analysis.plots`)."""
 
-from .arviz_adapter import LOO, from_netcdf, loo, plot_ppc, plot_trace, summary, to_netcdf
+from .arviz_adapter import (
+    LOO,
+    from_netcdf,
+    loo,
+    loo_pit,
+    plot_ppc,
+    plot_trace,
+    summary,
+    to_netcdf,
+)
 from .diagnostics import VariationalDiagnostics, pareto_khat, variational_diagnostics
 from .forecast import forecast, forecast_observations, forecast_table
 from .inference_data import to_inference_data
@@ -16,6 +25,7 @@ __all__ = [
     "forecast_table",
     "from_netcdf",
     "loo",
+    "loo_pit",
     "pareto_khat",
     "plot_ppc",
     "plot_trace",

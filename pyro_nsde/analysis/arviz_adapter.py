@@ -11,7 +11,7 @@ here, which give the same result on both lines:
 - :func:`group_names`, :func:`group`, :func:`update_group`: reading and changing a group;
 - :func:`summary`: the same columns, ``mean, sd, hdi_{lo}%, hdi_{hi}%`` (then ``mcse_mean,
   mcse_sd, ess_bulk, ess_tail, r_hat`` with ``kind="all"``), unrounded;
-- :func:`loo`: a :class:`LOO` record;
+- :func:`loo`: a :class:`LOO` record; :func:`loo_pit`: the leave-one-out PIT values;
 - :func:`plot_ppc`, :func:`plot_trace`: a matplotlib figure;
 - :func:`to_netcdf`, :func:`from_netcdf`: one NetCDF-4 file, written with the ``h5netcdf``
   engine on both lines (a file from one line opens with the other).
@@ -243,6 +243,25 @@ def loo(data, var_name: str | None = None) -> LOO:
         elpd, p = result.elpd, result.p
     pareto_k = np.asarray(result.pareto_k, dtype=float).reshape(-1)
     return LOO(float(elpd), float(result.se), float(p), pareto_k, str(result))
+
+
+def loo_pit(data, var_name: str) -> np.ndarray:
+    """PSIS-LOO probability integral transforms ``p(ỹ_i ≤ y_i | y_{-i})`` of the observed
+    site ``var_name``, one per observed scalar (flattened): the draws of
+    ``posterior_predictive`` weighted by the smoothed leave-one-out importance weights of
+    ``log_likelihood`` (``az.loo_pit`` on 0.x, ``arviz_stats.loo_pit`` on ≥ 1). Calibrated
+    predictions give uniform values; the share within ``[(1 - a)/2, (1 + a)/2]`` is the coverage
+    of the central ``a`` interval of each observation's predictive law given the others."""
+    data = _for_computation(data)
+    if not _is_datatree(data):
+        import arviz
+
+        values = arviz.loo_pit(data, y=var_name)
+    else:
+        import arviz_stats
+
+        values = arviz_stats.loo_pit(data, var_names=var_name)[var_name]
+    return np.asarray(values, dtype=float).reshape(-1)
 
 
 # --------------------------------------------------------------------------- plots

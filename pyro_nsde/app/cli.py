@@ -36,6 +36,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -107,6 +108,8 @@ MODEL_NAMES = {
 
 #: Central probabilities of the posterior predictive intervals whose coverage is reported.
 COVERAGE_LEVELS = (0.5, 0.9)
+#: Observations whose leave-one-out Pareto ``k̂`` exceeds this are counted as unreliable.
+PARETO_K_MAX = 0.7
 
 
 def fast_mode() -> bool:
@@ -117,25 +120,19 @@ def fast_mode() -> bool:
 # --------------------------------------------------------------------------- fitting
 
 
-def interval_coverage(draws: np.ndarray, observed: np.ndarray, level: float = 0.9) -> float:
-    """Fraction of observations inside the central ``level`` interval of their predictive draws.
+def interval_coverage(pit: np.ndarray, level: float = 0.9) -> float:
+    """Share of observations inside the central ``level`` interval of their predictive laws,
+    from the probability integral transforms ``pit`` (``u_i = P(ỹ_i ≤ y_i)``) of the
+    observations: ``|u_i - 1/2| ≤ level/2``; ``NaN`` values are left out.
 
-    Each observation ``y_i`` is compared with the ``(1 - level)/2`` and ``(1 + level)/2``
-    empirical quantiles of its draws; ``NaN`` observations are left out.
-
-    :param np.ndarray draws: ``(S, *shape)`` predictive draws.
-    :param np.ndarray observed: ``shape`` observations.
+    :param np.ndarray pit: PIT values in ``[0, 1]``.
     :param float level: in ``(0, 1)``.
     """
-    draws, observed = np.asarray(draws, dtype=float), np.asarray(observed, dtype=float)
     if not 0 < level < 1:
         raise ValueError(f"level must be in (0, 1), but got {level!r}")
-    if draws.shape[1:] != observed.shape:
-        raise ValueError(f"draws must have shape (S, *{observed.shape}), but got {draws.shape}")
-    lower, upper = np.quantile(draws, [(1 - level) / 2, (1 + level) / 2], axis=0)
-    present = ~np.isnan(observed)
-    inside = (observed >= lower) & (observed <= upper)
-    return float(inside[present].mean())
+    pit = np.asarray(pit, dtype=float).reshape(-1)
+    present = ~np.isnan(pit)
+    return float((np.abs(pit[present] - 0.5) <= level / 2).mean())
 
 
 # --------------------------------------------------------------------------- outputs
@@ -223,19 +220,26 @@ def _draw_observation_bands(axes, table):
     figure.legend(handles, names, loc="outside lower center", ncols=3)
 
 
-def _coverage(idata) -> dict:
-    """``{level: coverage}`` of the observed values by their posterior predictive draws."""
-    draws = arviz_adapter.group(idata, "posterior_predictive")["y"].values
-    draws = draws.reshape((-1, *draws.shape[2:]))
-    observed = arviz_adapter.group(idata, "observed_data")["y"].values
-    return {level: interval_coverage(draws, observed, level) for level in COVERAGE_LEVELS}
+def _coverage(idata) -> tuple[dict, int]:
+    """``({level: coverage}, unreliable)``: the share of the observed values inside the
+    central intervals of their leave-one-out predictive laws (PSIS-LOO PIT), and the number of
+    observations whose Pareto ``k̂`` exceeds :data:`PARETO_K_MAX` (leave-one-out weights
+    unreliable there). In-sample intervals (the posterior predictive law that has seen
+    ``y_i``) cover more than their level by construction; these do not."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # k̂ > 0.7: counted and reported instead
+        pit = arviz_adapter.loo_pit(idata, "y")
+        pareto_k = arviz_adapter.loo(idata, "y").pareto_k
+    coverage = {level: interval_coverage(pit, level) for level in COVERAGE_LEVELS}
+    return coverage, int((pareto_k > PARETO_K_MAX).sum())
 
 
-def _report(files, coverage, num_observed):
+def _report(files, coverage, unreliable, num_observed):
     inside = ", ".join(f"{value:.0%} in the {level:.0%}" for level, value in coverage.items())
+    caveat = f" (Pareto k > {PARETO_K_MAX} for {unreliable}: less reliable)" if unreliable else ""
     print(
-        f"posterior predictive check: of the {num_observed} observations, {inside} central "
-        f"intervals"
+        f"leave-one-out predictive check (PSIS-LOO): of the {num_observed} observations, "
+        f"{inside} central intervals given the others{caveat}"
     )
     width = max(len(name) for name in files)
     print("outputs:")
@@ -360,8 +364,8 @@ def run_demo(args) -> dict:
     for name, published in PUBLISHED_RATES.items():
         row = summary.loc[name]
         print(f"  {name:<6} {row['mean']:.3f} ± {row['sd']:.3f}   ({published})")
-    coverage = _coverage(idata)
-    _report(files, coverage, int(data.mask.sum()))
+    coverage, unreliable = _coverage(idata)
+    _report(files, coverage, unreliable, int(data.mask.sum()))
     return {"files": files, "coverage": coverage, "summary": summary}
 
 
@@ -446,8 +450,8 @@ def run_fit(args) -> dict:
         f"parameters are in standardized units: each column minus its mean, divided by its "
         f"standard deviation; time in units of {unit:.10g} {series.time_name} from {t0:.10g}"
     )
-    coverage = _coverage(idata)
-    _report(files, coverage, int(series.mask.sum()))
+    coverage, unreliable = _coverage(idata)
+    _report(files, coverage, unreliable, int(series.mask.sum()))
     return {"files": files, "coverage": coverage}
 
 

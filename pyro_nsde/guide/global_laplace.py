@@ -38,7 +38,7 @@ from pyro.infer.autoguide import (
     AutoNormal,
 )
 
-from ..sde.sites import diverged_draws_allowed, log_joint, outside_inference
+from ..sde.sites import diverged_draws_allowed, log_joint, outside_inference, run_to_sites
 from .slots import ParamSlot
 
 #: The plate over the points at which the marginal log density is evaluated together.
@@ -84,6 +84,31 @@ class MarginalDensity:
                 ]
                 draws.append(torch.cat(pieces))
         return draws
+
+    def prior_variance(self, num: int = 1000, seed: int = 0) -> torch.Tensor:
+        """The variance ``(D,)`` of each unconstrained coordinate under the prior, from ``num``
+        draws of the model run up to its last latent site (ancestrally: a prior that depends
+        on another site is drawn with it, not at the prototype's value). Drawn from its own
+        random stream (``seed``): the caller's stream is left as it was."""
+        nesting, names = self.guide.nesting, [name for name, *_ in self.sites]
+
+        def prior(*args, **kwargs):
+            with pyro.plate(POINTS_PLATE, num, dim=-(nesting + 1)):
+                return self.guide.raw_model(*args, **kwargs)
+
+        with outside_inference(), torch.random.fork_rng(devices=[]), torch.no_grad():
+            torch.manual_seed(seed)
+            with diverged_draws_allowed():
+                sites = run_to_sites(prior, names, {}, self.args, self.kwargs)
+            # The run stops at the last site before drawing it.
+            values = {
+                n: site["fn"].sample() if site["value"] is None else site["value"]
+                for n, site in sites.items()
+            }
+        pieces = [
+            transform.inv(values[name]).reshape(num, -1) for name, _, transform, _ in self.sites
+        ]
+        return torch.cat(pieces, dim=-1).double().var(0)
 
     def value(self, eta: torch.Tensor) -> float:
         """``ℓ(η)`` at one point ``(D,)``, ``-inf`` where the model's density is not finite."""
@@ -167,6 +192,7 @@ def laplace_start(guide, args, kwargs, *, max_iterations: int = 100, prior_start
     covariance = _inverse(precision, mode.dtype)
     if covariance is None:  # not a mode where the search stopped: its curvature made positive
         covariance = _inverse(saddle_free(precision), mode.dtype)
+    covariance = no_wider_than(covariance, density.prior_variance()).to(mode.dtype)
     set_family(guide.latent_guide, mode, covariance)
     return True
 
@@ -178,6 +204,23 @@ def saddle_free(precision, floor: float = 1.0):
     of the priors)."""
     values, vectors = torch.linalg.eigh(precision)
     return (vectors * values.abs().clamp(min=floor)) @ vectors.mT
+
+
+def no_wider_than(covariance, variance):
+    """``covariance`` with its spread capped at the prior's: scaled by the prior's sds
+    ``sqrt(variance)``, its eigenvalues at most 1 (float64). The posterior of a linear-Gaussian
+    model is never wider than its prior in any direction; where ``H`` is nearly flat because
+    the log-likelihood bends upwards against the prior's curvature, ``H⁻¹`` is (``fit``'s
+    trend model on the Nile, seed 0: the slope noise's sd 6.0 unconstrained units against the
+    prior's 1.5; 78 of the 1000 posterior draws had paths far off the data, up to
+    ``|x| = 7.5·10⁸``, the ELBO was ``-3·10²⁰`` and importance resampling was declined).
+    Coordinates whose prior variance is not finite are left uncapped."""
+    covariance, variance = covariance.double(), variance.double()
+    usable = torch.isfinite(variance) & (variance > 0)
+    scale = torch.where(usable, variance, 1e6 * covariance.diagonal()).sqrt()
+    whitened = covariance / (scale[:, None] * scale)
+    values, vectors = torch.linalg.eigh(whitened)
+    return (vectors * values.clamp(max=1.0)) @ vectors.mT * (scale[:, None] * scale)
 
 
 def find_mode(density, start: torch.Tensor, max_iterations: int = 100):
@@ -301,6 +344,7 @@ __all__ = [
     "MarginalDensity",
     "inverse_hessian",
     "laplace_start",
+    "no_wider_than",
     "saddle_free",
     "set_family",
 ]
