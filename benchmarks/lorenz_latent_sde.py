@@ -51,9 +51,10 @@ and after training; the forecast protocol of the tutorial: ``--draws`` posterior
 ``dt = 0.005`` on ``times[74:]`` (pyro-nsde: ``predictive_paths``; torchsde: the posterior SDE
 with the series' context on ``[0, 1.5]``, then ``sdeint(names={"drift": "h"}, method="srk")``),
 mapped to the data; the RMSE of the mean forecast against the held-out observations, the
-share of them inside the 5–95 % band of the draws, and the RMSE of carrying the last
-observation forward. Pyro validation is off, as for any timing. The table is printed and the
-numbers written to ``--out``/``lorenz_latent_sde.json``.
+share of them inside the 5–95 % band of the draws (of a calibrated forecast's outcomes the
+band of 256 draws holds 89 % on average, of 32 draws 85 %: the order statistics), and the RMSE
+of carrying the last observation forward. Pyro validation is off, as for any timing. The table
+is printed and the numbers written to ``--out``/``lorenz_latent_sde.json``.
 
 Run (one implementation after the other, or one process per implementation with
 ``--impls``; at full size a training step takes a few seconds, so 100 steps take several
@@ -99,6 +100,7 @@ TUTORIAL = pathlib.Path(__file__).resolve().parents[1] / "tutorials" / "lorenz.p
 LEARNING_RATE, LR_DECAY = 0.01, 0.997
 TORCHSDE_DT = 1e-2  # torchsde's example: sdeint(..., dt=1e-2)
 FORECAST_DT = 0.005  # the tutorial's forecast: SRK at dt = 0.005
+FORECAST_CHUNK = 32  # draws per guide call in a forecast (the tutorial's `draws`)
 BAND = (0.05, 0.95)
 ELBO_DRAWS = 2  # the tutorial's full_elbo(num_particles=2)
 
@@ -191,17 +193,24 @@ class PyroNSDE:
         return LORENZ.full_elbo(self.model, self.guide, self.data, num_particles=ELBO_DRAWS)
 
     def forecast(self, times: torch.Tensor, draws: int) -> torch.Tensor:
-        """``(draws, N, T, 3)`` forecasts on ``times``, as the tutorial makes them."""
+        """``(draws, N, T, 3)`` forecasts on ``times``, as the tutorial makes them (in chunks
+        of at most ``FORECAST_CHUNK`` draws)."""
+        sizes = [min(FORECAST_CHUNK, draws - k) for k in range(0, draws, FORECAST_CHUNK)]
         with torch.no_grad():
-            z = predictive_paths(
-                self.model,
-                self.guide,
-                self.data,
-                site="z",
-                times=times,
-                num_samples=draws,
-                method="srk",
-                dt=FORECAST_DT,
+            z = torch.cat(
+                [
+                    predictive_paths(
+                        self.model,
+                        self.guide,
+                        self.data,
+                        site="z",
+                        times=times,
+                        num_samples=size,
+                        method="srk",
+                        dt=FORECAST_DT,
+                    )
+                    for size in sizes
+                ]
             )
             return self.modules["projector"](z)
 
@@ -548,7 +557,7 @@ DEFAULTS = dict(
     context=LORENZ.SETTINGS[False]["context"],
     steps=100,
     warmup=2,
-    draws=LORENZ.SETTINGS[False]["draws"],
+    draws=LORENZ.SETTINGS[False]["forecast_draws"],
     anneal=LORENZ.SETTINGS[False]["anneal"],
     max_step=LORENZ.SETTINGS[False]["max_step"],
     data_dt=LORENZ.SETTINGS[False]["data_dt"],
@@ -569,7 +578,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--series", type=int, help="number of series (1024)")
     parser.add_argument("--hidden", type=int, help="hidden width (128)")
     parser.add_argument("--context", type=int, help="context size (64)")
-    parser.add_argument("--draws", type=int, help="forecast draws per series (32)")
+    parser.add_argument("--draws", type=int, help="forecast draws per series (256)")
     parser.add_argument("--anneal", type=int, help="steps of the linear KL annealing (1000)")
     parser.add_argument("--max-step", type=float, help="pyro-nsde grid step bound (0.0102)")
     parser.add_argument("--data-dt", type=float, help="SRK step of the data simulation (1e-3)")

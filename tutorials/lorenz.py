@@ -86,6 +86,7 @@ SETTINGS = {
         "steps": 5000,
         "anneal": 1000,
         "draws": 32,
+        "forecast_draws": 256,
         "max_step": 0.0102,  # 2 Euler–Maruyama steps per observation gap of 2/99 ≈ 0.0202
         "data_dt": 1e-3,
     },
@@ -96,6 +97,7 @@ SETTINGS = {
         "steps": 40,
         "anneal": 15,
         "draws": 16,
+        "forecast_draws": 64,
         "max_step": 0.021,
         "data_dt": 5e-3,
     },
@@ -251,15 +253,24 @@ def main(out: pathlib.Path, steps: int | None = None, seed: int = 0, guide_kind=
         posterior = Predictive(model, guide=guide, num_samples=cfg["draws"], parallel=True)
         fitted = projector(posterior(data)["z"])  # (S, N, K+1, 3)
         future_times = times[TRAIN_TIMES - 1 :]
-        future_z = predictive_paths(
-            model,
-            guide,
-            data,
-            site="z",
-            times=future_times,
-            num_samples=cfg["draws"],
-            method="srk",
-            dt=0.005,
+        # The 5-95 % band of S draws covers less than 90 % of a calibrated forecast's
+        # outcomes (the order statistics around the quantiles): 85 % with 32 draws, 89 % with
+        # 256. The forecast takes 256 draws, in chunks of `draws` (the guide's paths of every
+        # series per draw).
+        future_z = torch.cat(
+            [
+                predictive_paths(
+                    model,
+                    guide,
+                    data,
+                    site="z",
+                    times=future_times,
+                    num_samples=cfg["draws"],
+                    method="srk",
+                    dt=0.005,
+                )
+                for _ in range(cfg["forecast_draws"] // cfg["draws"])
+            ]
         )
         future = projector(future_z)
         held_out = y[:, TRAIN_TIMES:]

@@ -236,7 +236,13 @@ def _coverage(idata) -> tuple[dict, int]:
 
 def _report(files, coverage, unreliable, num_observed):
     inside = ", ".join(f"{value:.0%} in the {level:.0%}" for level, value in coverage.items())
-    caveat = f" (Pareto k > {PARETO_K_MAX} for {unreliable}: less reliable)" if unreliable else ""
+    caveat = (
+        f"; Pareto k > {PARETO_K_MAX} for {unreliable} of them, whose leave-one-out weights are "
+        f"unreliable (the shares lean towards in-sample ones, too high); --holdout scores the "
+        f"forecast on held-out rows"
+        if unreliable
+        else ""
+    )
     print(
         f"leave-one-out predictive check (PSIS-LOO): of the {num_observed} observations, "
         f"{inside} central intervals given the others{caveat}"
