@@ -220,33 +220,41 @@ def _draw_observation_bands(axes, table):
     figure.legend(handles, names, loc="outside lower center", ncols=3)
 
 
-def _coverage(idata) -> tuple[dict, int]:
+def _coverage(idata) -> tuple[dict | None, int | str]:
     """``({level: coverage}, unreliable)``: the share of the observed values inside the
     central intervals of their leave-one-out predictive laws (PSIS-LOO PIT), and the number of
     observations whose Pareto ``k̂`` exceeds :data:`PARETO_K_MAX` (leave-one-out weights
     unreliable there). In-sample intervals (the posterior predictive law that has seen
-    ``y_i``) cover more than their level by construction; these do not."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # k̂ > 0.7: counted and reported instead
-        pit = arviz_adapter.loo_pit(idata, "y")
-        pareto_k = arviz_adapter.loo(idata, "y").pareto_k
+    ``y_i``) cover more than their level by construction; these do not. ``(None, reason)``
+    where PSIS cannot run (ArviZ ≥ 1 needs at least 5 draws in the tail of each
+    observation's weights: about 25 posterior draws)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # k̂ > 0.7: counted and reported instead
+            pit = arviz_adapter.loo_pit(idata, "y")
+            pareto_k = arviz_adapter.loo(idata, "y").pareto_k
+    except ValueError as error:
+        return None, str(error)
     coverage = {level: interval_coverage(pit, level) for level in COVERAGE_LEVELS}
     return coverage, int((pareto_k > PARETO_K_MAX).sum())
 
 
 def _report(files, coverage, unreliable, num_observed):
-    inside = ", ".join(f"{value:.0%} in the {level:.0%}" for level, value in coverage.items())
-    caveat = (
-        f"; Pareto k > {PARETO_K_MAX} for {unreliable} of them, whose leave-one-out weights are "
-        f"unreliable (the shares lean towards in-sample ones, too high); --holdout scores the "
-        f"forecast on held-out rows"
-        if unreliable
-        else ""
-    )
-    print(
-        f"leave-one-out predictive check (PSIS-LOO): of the {num_observed} observations, "
-        f"{inside} central intervals given the others{caveat}"
-    )
+    if coverage is None:
+        print(f"leave-one-out predictive check (PSIS-LOO) not run: {unreliable}")
+    else:
+        inside = ", ".join(f"{value:.0%} in the {level:.0%}" for level, value in coverage.items())
+        caveat = (
+            f"; Pareto k > {PARETO_K_MAX} for {unreliable} of them, whose leave-one-out weights "
+            f"are unreliable (the shares lean towards in-sample ones, too high); --holdout "
+            f"scores the forecast on held-out rows"
+            if unreliable
+            else ""
+        )
+        print(
+            f"leave-one-out predictive check (PSIS-LOO): of the {num_observed} observations, "
+            f"{inside} central intervals given the others{caveat}"
+        )
     width = max(len(name) for name in files)
     print("outputs:")
     for name, path in files.items():
