@@ -208,13 +208,16 @@ def saddle_free(precision, floor: float = 1.0):
 
 def no_wider_than(covariance, variance):
     """``covariance`` with its spread capped at the prior's: scaled by the prior's sds
-    ``sqrt(variance)``, its eigenvalues at most 1 (float64). The posterior of a linear-Gaussian
-    model is never wider than its prior in any direction; where ``H`` is nearly flat because
-    the log-likelihood bends upwards against the prior's curvature, ``H⁻¹`` is (``fit``'s
-    trend model on the Nile, seed 0: the slope noise's sd 6.0 unconstrained units against the
-    prior's 1.5; 78 of the 1000 posterior draws had paths far off the data, up to
-    ``|x| = 7.5·10⁸``, the ELBO was ``-3·10²⁰`` and importance resampling was declined).
-    Coordinates whose prior variance is not finite are left uncapped."""
+    ``sqrt(variance)``, its eigenvalues at most 1 (float64). Averaged over data sets a
+    posterior is never wider than its prior, in any direction (the law of total variance:
+    ``Var(aᵀη) = E[Var(aᵀη | y)] + Var(E[aᵀη | y])``), and for a Gaussian prior and a
+    linear-Gaussian likelihood it never is. A Laplace covariance wider than the prior marks
+    a nearly flat direction, where the log-likelihood bends upwards against the prior's
+    curvature, not information (``fit``'s trend model on the Nile, seed 0: the slope noise's
+    sd 6.0 unconstrained units against the prior's 1.5; 78 of the 1000 posterior draws had
+    paths far off the data, up to ``|x| = 7.5·10⁸``, the ELBO was ``-3·10²⁰`` and importance
+    resampling was declined). Coordinates whose prior variance is not finite are left
+    uncapped."""
     covariance, variance = covariance.double(), variance.double()
     usable = torch.isfinite(variance) & (variance > 0)
     scale = torch.where(usable, variance, 1e6 * covariance.diagonal()).sqrt()
