@@ -253,8 +253,8 @@ def test_no_wider_than_caps_the_spread_at_the_prior_in_every_direction():
 
 def test_prior_variance_draws_a_prior_that_depends_on_another_site_with_it():
     """``mu ~ N(0, 1)``, ``theta ~ N(mu, 1)``: theta's variance is 2, not the 1 of its prior
-    at one value of mu; a LogNormal(0, 1.5) scale has variance 2.25 in log units. The
-    caller's random stream is left as it was."""
+    at one value of mu; a LogNormal(0, 1.5) scale has variance 2.25 in log units, and so does
+    a noise scale drawn after the path. The caller's random stream is left as it was."""
     from pyro_nsde import GirsanovGuide
     from pyro_nsde.guide.global_laplace import MarginalDensity
 
@@ -271,7 +271,8 @@ def test_prior_variance_draws_a_prior_that_depends_on_another_site_with_it():
             times,
         )
         x = pyro.sample("x", prior)
-        return pyro.sample("y", dist.Normal(x[..., 0], 0.1).to_event(1), obs=y)
+        noise = pyro.sample("noise", dist.LogNormal(-2.0, 1.5))
+        return pyro.sample("y", dist.Normal(x[..., 0], noise.unsqueeze(-1)).to_event(1), obs=y)
 
     guide = GirsanovGuide(model, control="linear")
     guide(torch.zeros(11))
@@ -279,7 +280,7 @@ def test_prior_variance_draws_a_prior_that_depends_on_another_site_with_it():
     state = torch.get_rng_state()
     variance = density.prior_variance(num=4000)
     assert torch.equal(torch.get_rng_state(), state)
-    assert torch.allclose(variance, torch.tensor([1.0, 2.0, 2.25], dtype=F64), rtol=0.1)
+    assert torch.allclose(variance, torch.tensor([1.0, 2.0, 2.25, 2.25], dtype=F64), rtol=0.1)
 
 
 def test_the_laplace_start_is_no_wider_than_the_prior_on_a_flat_direction():

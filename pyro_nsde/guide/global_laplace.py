@@ -88,9 +88,13 @@ class MarginalDensity:
     def prior_variance(self, num: int = 1000, seed: int = 0) -> torch.Tensor:
         """The variance ``(D,)`` of each unconstrained coordinate under the prior, from ``num``
         draws of the model run up to its last latent site (ancestrally: a prior that depends
-        on another site is drawn with it, not at the prototype's value). Drawn from its own
-        random stream (``seed``): the caller's stream is left as it was."""
+        on another site is drawn with it, not at the prototype's value). A path site that
+        comes before a latent site is held at its prototype value (not simulated ``num``
+        times). Drawn from its own random stream (``seed``): the caller's stream is left as
+        it was."""
         nesting, names = self.guide.nesting, [name for name, *_ in self.sites]
+        nodes = self.guide.prototype_trace.nodes
+        paths = {name: nodes[name]["value"] for name in self.guide.sites}
 
         def prior(*args, **kwargs):
             with pyro.plate(POINTS_PLATE, num, dim=-(nesting + 1)):
@@ -99,7 +103,7 @@ class MarginalDensity:
         with outside_inference(), torch.random.fork_rng(devices=[]), torch.no_grad():
             torch.manual_seed(seed)
             with diverged_draws_allowed():
-                sites = run_to_sites(prior, names, {}, self.args, self.kwargs)
+                sites = run_to_sites(prior, names, paths, self.args, self.kwargs)
             # The run stops at the last site before drawing it.
             values = {
                 n: site["fn"].sample() if site["value"] is None else site["value"]
