@@ -220,41 +220,39 @@ def _draw_observation_bands(axes, table):
     figure.legend(handles, names, loc="outside lower center", ncols=3)
 
 
-def _coverage(idata) -> tuple[dict | None, int | str]:
-    """``({level: coverage}, unreliable)``: the share of the observed values inside the
-    central intervals of their leave-one-out predictive laws (PSIS-LOO PIT), and the number of
-    observations whose Pareto ``k̂`` exceeds :data:`PARETO_K_MAX` (leave-one-out weights
-    unreliable there). In-sample intervals (the posterior predictive law that has seen
-    ``y_i``) cover more than their level by construction; these do not. ``(None, reason)``
+def _loo_check(idata, num_observed) -> tuple[dict | None, str]:
+    """``({level: coverage} or None, the line to print)``: the share of the observed values
+    inside the central intervals of their leave-one-out predictive laws (PSIS-LOO PIT), with
+    the number of observations whose Pareto ``k̂`` exceeds :data:`PARETO_K_MAX` (their
+    leave-one-out weights unreliable). In-sample intervals (the posterior predictive law that
+    has seen ``y_i``) cover more than their level by construction; these do not. ``None``
     where PSIS cannot run (ArviZ ≥ 1 needs at least 5 draws in the tail of each
     observation's weights: about 25 posterior draws)."""
+    title = "leave-one-out predictive check (PSIS-LOO)"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # k̂ > 0.7: counted and reported instead
             pit = arviz_adapter.loo_pit(idata, "y")
             pareto_k = arviz_adapter.loo(idata, "y").pareto_k
     except ValueError as error:
-        return None, str(error)
+        return None, f"{title} not run: {error}"
     coverage = {level: interval_coverage(pit, level) for level in COVERAGE_LEVELS}
-    return coverage, int((pareto_k > PARETO_K_MAX).sum())
-
-
-def _report(files, coverage, unreliable, num_observed):
-    if coverage is None:
-        print(f"leave-one-out predictive check (PSIS-LOO) not run: {unreliable}")
-    else:
-        inside = ", ".join(f"{value:.0%} in the {level:.0%}" for level, value in coverage.items())
-        caveat = (
+    inside = ", ".join(f"{value:.0%} in the {level:.0%}" for level, value in coverage.items())
+    line = (
+        f"{title}: of the {num_observed} observations, {inside} central intervals given the others"
+    )
+    unreliable = int((pareto_k > PARETO_K_MAX).sum())
+    if unreliable:
+        line += (
             f"; Pareto k > {PARETO_K_MAX} for {unreliable} of them, whose leave-one-out weights "
             f"are unreliable (the shares lean towards in-sample ones, too high); --holdout "
             f"scores the forecast on held-out rows"
-            if unreliable
-            else ""
         )
-        print(
-            f"leave-one-out predictive check (PSIS-LOO): of the {num_observed} observations, "
-            f"{inside} central intervals given the others{caveat}"
-        )
+    return coverage, line
+
+
+def _report(files, check: str):
+    print(check)
     width = max(len(name) for name in files)
     print("outputs:")
     for name, path in files.items():
@@ -378,8 +376,8 @@ def run_demo(args) -> dict:
     for name, published in PUBLISHED_RATES.items():
         row = summary.loc[name]
         print(f"  {name:<6} {row['mean']:.3f} ± {row['sd']:.3f}   ({published})")
-    coverage, unreliable = _coverage(idata)
-    _report(files, coverage, unreliable, int(data.mask.sum()))
+    coverage, check = _loo_check(idata, int(data.mask.sum()))
+    _report(files, check)
     return {"files": files, "coverage": coverage, "summary": summary}
 
 
@@ -464,8 +462,8 @@ def run_fit(args) -> dict:
         f"parameters are in standardized units: each column minus its mean, divided by its "
         f"standard deviation; time in units of {unit:.10g} {series.time_name} from {t0:.10g}"
     )
-    coverage, unreliable = _coverage(idata)
-    _report(files, coverage, unreliable, int(series.mask.sum()))
+    coverage, check = _loo_check(idata, int(series.mask.sum()))
+    _report(files, check)
     return {"files": files, "coverage": coverage}
 
 
