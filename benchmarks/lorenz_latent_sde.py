@@ -48,8 +48,9 @@ median and interquartile range over the steps after ``--warmup``; the ELBO (``β
 summed over the series, mean of 2 draws: the tutorial's ``full_elbo`` for pyro-nsde) before
 and after training; the forecast protocol of the tutorial: ``--draws`` posterior states at
 ``t = 1.5`` of each series, continued with the learned prior SDE by torchsde's SRK at
-``dt = 0.005`` on ``times[74:]`` (pyro-nsde: ``predictive_paths``; torchsde: the posterior SDE
-with the series' context on ``[0, 1.5]``, then ``sdeint(names={"drift": "h"}, method="srk")``),
+``dt = 0.005`` on ``times[74:]`` (pyro-nsde: the tutorial's ``forecast_paths``; torchsde: the
+posterior SDE with the series' context on ``[0, 1.5]``, then ``sdeint(names={"drift": "h"},
+method="srk")``),
 mapped to the data; the RMSE of the mean forecast against the held-out observations, the
 share of them inside the 5–95 % band of the draws (of a calibrated forecast's outcomes the
 band of 256 draws holds 89 % on average, of 32 draws 85 %: the order statistics), and the RMSE
@@ -89,7 +90,6 @@ from torch.distributions import Normal, kl_divergence
 
 import pyro_nsde
 from pyro_nsde import GirsanovGuide
-from pyro_nsde.analysis.predict import predictive_paths
 from pyro_nsde.sde.sites import unwrap_path_distribution
 from pyro_nsde.sde.subsample import SubsampledEulerMaruyama
 from pyro_nsde.zoo.encoders import GRUEncoder
@@ -195,22 +195,9 @@ class PyroNSDE:
     def forecast(self, times: torch.Tensor, draws: int) -> torch.Tensor:
         """``(draws, N, T, 3)`` forecasts on ``times``, as the tutorial makes them (in chunks
         of at most ``FORECAST_CHUNK`` draws)."""
-        sizes = [min(FORECAST_CHUNK, draws - k) for k in range(0, draws, FORECAST_CHUNK)]
         with torch.no_grad():
-            z = torch.cat(
-                [
-                    predictive_paths(
-                        self.model,
-                        self.guide,
-                        self.data,
-                        site="z",
-                        times=times,
-                        num_samples=size,
-                        method="srk",
-                        dt=FORECAST_DT,
-                    )
-                    for size in sizes
-                ]
+            z = LORENZ.forecast_paths(
+                self.model, self.guide, self.data, times, draws, chunk=FORECAST_CHUNK
             )
             return self.modules["projector"](z)
 
