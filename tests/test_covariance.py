@@ -61,11 +61,13 @@ def covariance_guide(request):
 def test_covariance_guide_reaches_log_evidence_where_mean_shift_cannot(covariance_guide):
     """OU with ``h = 0.1`` and 5 observations: the mean shift stays 0.55 nats below
     ``log p(y)``; the learned covariance gets within 0.05 nats (``d = m = 1``, so
-    ``"diagonal"`` is the same family as ``"full"``)."""
+    ``"diagonal"`` is the same family as ``"full"``). The Kalman conditional of this linear
+    model is its exact posterior, so the log-weights are constant up to rounding (about
+    10⁻⁷ of them, which the bound's check allows for)."""
     post, elbo = OU.posterior, covariance_guide.elbo
     assert post.mean_shift_gap() > 0.5
     assert abs(elbo.mean - post.log_py) < 0.05
-    assert elbo.mean < post.log_py + 3 * elbo.stderr
+    assert elbo.mean < post.log_py + 3 * elbo.stderr + 1e-6
 
 
 def test_covariance_guide_is_a_near_exact_importance_sampler(covariance_guide):

@@ -14,7 +14,13 @@ from test_guide import LinearProblem
 from pyro_nsde import EulerMaruyama
 from pyro_nsde.guide.guide import unwrap_path_distribution
 from pyro_nsde.posterior.gauss_markov import GaussMarkovEulerMaruyama, LinearControl
-from pyro_nsde.posterior.laplace import coefficients_of, laplace, linearize, quadratic_sites
+from pyro_nsde.posterior.laplace import (
+    coefficients_of,
+    is_linear_gaussian,
+    laplace,
+    linearize,
+    quadratic_sites,
+)
 from pyro_nsde.sde.euler_maruyama import simulate
 
 F64 = torch.float64
@@ -304,3 +310,45 @@ def test_the_laplace_start_is_no_wider_than_the_prior_on_a_flat_direction():
     with torch.no_grad(), pyro.plate("draws", 200, dim=-3):
         paths = poutine.trace(guide).get_trace(y).nodes["x"]["value"]
     assert paths[..., 0].abs().max() < 20  # standardized data: |y| < 3
+
+
+def _one_path_model(drift, diffusion, likelihood):
+    """A model of one path on ``[0, 2]`` (40 steps) with ``drift``, ``diffusion`` (callable or
+    tensor) and observations of every fifth state by ``likelihood(states)``."""
+    times = torch.linspace(0.0, 2.0, 41, dtype=F64)
+    init = dist.Normal(torch.zeros(1, dtype=F64), 1.0).to_event(1)
+
+    def model(y):
+        x = pyro.sample("x", EulerMaruyama(drift, diffusion, init, times))
+        pyro.sample("y", likelihood(x[..., ::5, 0]).to_event(1), obs=y)
+
+    return model
+
+
+SIGMA_1D = torch.tensor([0.5], dtype=F64)
+
+
+@pytest.mark.parametrize(
+    "drift, diffusion, likelihood, linear",
+    [
+        (lambda t, x: 0.3 - 1.5 * x, SIGMA_1D, lambda x: dist.Normal(2 * x - 1, 0.1), True),
+        (lambda t, x: -x * t, SIGMA_1D, lambda x: dist.Normal(x, 0.1), True),  # time-varying
+        (lambda t, x: x - x**3, SIGMA_1D, lambda x: dist.Normal(x, 0.1), False),
+        (lambda t, x: -x, lambda t, x: (0.25 + x**2).sqrt(), lambda x: dist.Normal(x, 0.1), False),
+        (lambda t, x: -x, SIGMA_1D, lambda x: dist.Poisson(x.exp()), False),
+        (lambda t, x: -x, SIGMA_1D, lambda x: dist.Normal(x**2, 0.1), False),
+        # A cubic term of 1 % is a nonlinearity (it moves the chain by far more than 10⁻⁴).
+        (lambda t, x: -x + 1e-2 * x**3, SIGMA_1D, lambda x: dist.Normal(x, 0.1), False),
+    ],
+)
+def test_is_linear_gaussian_tells_linear_gaussian_models_from_others(
+    default_dtype, drift, diffusion, likelihood, linear
+):
+    default_dtype(F64)
+    model = _one_path_model(drift, diffusion, likelihood)
+    y = torch.tensor([0.0, 1.0, 2.0, 1.0, 0.0, 1.0, 3.0, 1.0, 0.0], dtype=F64)
+    prior, log_likelihood = _prior_and_likelihood(model, y)
+    _, path = laplace(prior, log_likelihood)
+    state = torch.get_rng_state()
+    assert is_linear_gaussian(prior, log_likelihood, path) is linear
+    assert torch.equal(torch.get_rng_state(), state)  # its own random stream

@@ -37,3 +37,28 @@ def test_tutorial_runs_in_fast_mode_and_improves_the_elbo(script, outputs, tmp_p
     assert summary["fast"] is True
     before, after = summary["elbo_before"], summary["elbo_after"]
     assert after - before > 0.5 * abs(before)  # the fit closes most of the initial gap
+
+
+def test_lorenz_forecast_scores_band_future_observations():
+    """The Lorenz tutorial's forecast band is one for future *observations*: ``observe`` adds
+    the model's noise (sd ``NOISE``) to the mapped paths, and ``forecast_scores`` counts the
+    held-out points inside the 5-95 % band of the draws, per forecast time too."""
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("lorenz_tutorial", TUTORIALS / "lorenz.py")
+    lorenz = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lorenz)
+    torch.manual_seed(0)
+    paths = torch.zeros(20000, 2, 3, 3)
+    observed = lorenz.observe(paths)
+    assert abs(float(observed.std()) - lorenz.NOISE) < 0.02 * lorenz.NOISE
+    # A noise-free band has no width: only observations equal to the path fall inside it.
+    held_out = torch.full((2, 3, 3), 0.5 * lorenz.NOISE)
+    held_out[:, 0] = 3 * lorenz.NOISE  # beyond the 95 % quantile (1.645 sd)
+    assert lorenz.forecast_scores(paths, held_out)["coverage"] == 0.0
+    scores = lorenz.forecast_scores(observed, held_out)
+    assert scores["coverage_by_time"] == pytest.approx([0.0, 1.0, 1.0])
+    assert scores["coverage"] == pytest.approx(2 / 3)
+    assert scores["rmse"] == pytest.approx(float(held_out.pow(2).mean().sqrt()), abs=1e-3)

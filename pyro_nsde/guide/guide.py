@@ -275,6 +275,9 @@ class GirsanovGuide(AutoGuide):
             for site in self.sites.values():
                 if site.warped and getattr(site.conditional, "path", None) is not None:
                     site.warp.calibrate(site.conditional.path)  # the box over the fitted path
+                if site.conditional.exact:  # q(x_0) is the smoother's: no corrections
+                    for slot in site.initial.slots().values():
+                        slot.unregister()
         if self.options.init_latents == "laplace" and self.latent_guide is not None:
             latent_values(self.latent_guide, args, kwargs, median=True)  # sets the family up
             if self.options.latents == "hierarchical":
@@ -502,14 +505,18 @@ class GirsanovGuide(AutoGuide):
     def get_extra_state(self):
         """What the guide keeps besides parameters and buffers, so that ``state_dict()`` (and a
         checkpoint) resumes training exactly: the Laplace reference paths, the values of the
-        last fit its coefficients were rebased from, and the count of training calls."""
+        last fit its coefficients were rebased from, whether a site's per-draw law is exact,
+        and the count of training calls."""
         if self.prototype_trace is None:
             return {}
         state = {"laplace_paths": {}, "laplace_bases": {}, "fit_centres": {}, "calls": self._calls}
+        state["exact"] = {}
         for name, site in self.sites.items():
             saved = site.conditional.state()
             if saved.get("path") is not None:
                 state["laplace_paths"][name] = saved["path"]
+            if "exact" in saved:
+                state["exact"][name] = saved["exact"]
             for attr, value in saved.get("bases", {}).items():
                 state["laplace_bases"][(name, attr)] = value
             if saved.get("centre") is not None:
@@ -523,13 +530,14 @@ class GirsanovGuide(AutoGuide):
             raise ValueError("the guide must be set up (called once) before its state is loaded")
         for name, site in self.sites.items():
             bases = {a: v for (n, a), v in state["laplace_bases"].items() if n == name}
-            site.conditional.load_state(
-                {
-                    "path": state["laplace_paths"].get(name),
-                    "bases": bases,
-                    "centre": state.get("fit_centres", {}).get(name),
-                }
-            )
+            saved = {
+                "path": state["laplace_paths"].get(name),
+                "bases": bases,
+                "centre": state.get("fit_centres", {}).get(name),
+            }
+            if name in state.get("exact", {}):  # absent from checkpoints before the check
+                saved["exact"] = state["exact"][name]
+            site.conditional.load_state(saved)
         self._calls = int(state["calls"])
 
 

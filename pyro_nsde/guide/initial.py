@@ -27,7 +27,7 @@ from .slots import ParamSlot
 class KnownInitialState:
     """A known ``x_0`` (the prior's ``init`` is a tensor): no law of its own."""
 
-    def law(self, context=None, params=None, base=None):
+    def law(self, context=None, params=None, base=None, corrected=True):
         return None
 
     def slots(self) -> dict:
@@ -96,15 +96,20 @@ class LearnedInitialState:
             slots["x0_slope"] = self.slope
         return slots
 
-    def law(self, context=None, params=None, base=None):
+    def law(self, context=None, params=None, base=None, corrected=True):
         """``q(x_0)`` given centred parameters ``params`` and a per-draw ``base`` law
-        ``{"init_loc", "init_scale"}`` that the learned values correct."""
-        loc, scale = self.loc.get(), self.scale.get()
-        if params is not None and self.slope is not None:  # E[x_0] affine in η
-            loc = loc + (self.slope.get() @ params[..., None]).squeeze(-1)
-        if base is not None:
-            loc = base["init_loc"] + loc
-            scale = base["init_scale"] @ scale if self.full else base["init_scale"] * scale
+        ``{"init_loc", "init_scale"}`` that the learned values correct (with
+        ``corrected=False`` the base law itself: an exact one)."""
+        if base is not None and not corrected:
+            loc, scale = base["init_loc"], base["init_scale"]
+        else:
+            loc, scale = self.loc.get(), self.scale.get()
+            if params is not None and self.slope is not None:  # E[x_0] affine in η
+                loc = loc + (self.slope.get() @ params[..., None]).squeeze(-1)
+            if base is not None:
+                loc = base["init_loc"] + loc
+                full = self.full
+                scale = base["init_scale"] @ scale if full else base["init_scale"] * scale
         if self.full:
             return dist.MultivariateNormal(loc, scale_tril=scale)
         return dist.Normal(loc, scale).to_event(1)
@@ -133,7 +138,7 @@ class EncodedInitialState:
     def slots(self) -> dict:
         return {}
 
-    def law(self, context=None, params=None, base=None):
+    def law(self, context=None, params=None, base=None, corrected=True):
         first = context[..., 0, :] if self.per_step else context
         out = self.guide.x0_heads[self.key](first)
         d = self.state_dim

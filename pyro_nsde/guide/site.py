@@ -157,10 +157,11 @@ class PathSite:
         centred parameters ``params`` and a per-draw ``base`` of coefficients."""
         if context is not None:
             context = self.select_context(context, plates)
-        init = self.initial.law(context, params, base)
+        corrected = not self.conditional.exact  # an exact base law is taken as it is
+        init = self.initial.law(context, params, base, corrected)
         control = self.control
         if isinstance(control, PerStepCoefficients):
-            control = control(context, params, base, per_step=self.context_per_step)
+            control = control(context, params, base, self.context_per_step, corrected)
         if isinstance(control, LinearCoefficients):
             posterior = GaussMarkovEulerMaruyama(
                 prior, control, init=init, estimator=options.estimator

@@ -8,6 +8,7 @@ unconstrained space, which is how a Laplace fit re-bases what SVI has learned.
 
 from operator import attrgetter
 
+import pyro
 from pyro.distributions.transforms import transform_to
 
 
@@ -26,6 +27,16 @@ class ParamSlot:
 
     def get(self):
         return getattr(self.module, self.attr)
+
+    def unregister(self) -> None:
+        """Remove the parameter from Pyro's parameter store (where a module created inside a
+        running guide put it at once), for a parameter the guide will not read: it then
+        neither appears among the learned ones nor gets an optimizer. The module keeps it, so
+        the guide's ``state_dict`` is unchanged; reading it registers it again."""
+        store = pyro.get_param_store()
+        name = self.module._pyro_get_fullname(self.attr)
+        if name in store:
+            del store[name]
 
     def move(self, value, old=None):
         """Set the parameter to ``value`` (expanded to its shape) or, given the value ``old``

@@ -315,11 +315,13 @@ class PerStepCoefficients(PyroModule):
                 torch.zeros(batch_shape + (num_steps, self._width, param_dim)), event_dim=4
             )
 
-    def conditioned(self, context=None, params=None, base=None, per_step=None):
+    def conditioned(self, context=None, params=None, base=None, per_step=None, corrected=True):
         """``(a, B, S)`` given the context and centred parameters; with ``base`` (a dict of
         ``loc``, ``gain`` and ``scale`` laid out like the parameters, e.g. a Kalman smoother's
         coefficients for the parameters drawn) the parameters are corrections to it:
-        ``a = a_base + a⁰``, ``B = B_base + B⁰``, ``S = S_base S⁰``.
+        ``a = a_base + a⁰``, ``B = B_base + B⁰``, ``S = S_base S⁰``; with ``corrected=False``
+        the base is taken as it is (an exact one: ``a⁰``, ``B⁰``, ``S⁰`` are not used, and so
+        not learned).
 
         :param context: ``(*batch, K+1, c)`` per step, or ``(*batch, c)`` static.
         :param params: ``η - η̄`` shaped ``(*sample, *(1,) * len(batch), param_dim)``.
@@ -328,9 +330,13 @@ class PerStepCoefficients(PyroModule):
         :returns: ``a`` ``(*batch, K, p)``, ``B`` ``(*batch, K, p, d)``, ``S`` as the
             covariance says (or ``None``).
         """
-        loc, gain = self.loc, self.gain
-        scale = None if self.covariance == "prior" else self.scale
-        if base is not None:
+        if base is not None and not corrected:
+            scale = None if self.covariance == "prior" else base["scale"]
+            loc, gain = base["loc"], base["gain"]
+        else:
+            loc, gain = self.loc, self.gain
+            scale = None if self.covariance == "prior" else self.scale
+        if base is not None and corrected:
             loc, gain = base["loc"] + loc, base["gain"] + gain
             if scale is not None:
                 full = self.covariance == "full"
@@ -396,9 +402,11 @@ class AffineControl(PerStepCoefficients):
             raise ValueError("AffineControl's gains are full; gain='diagonal' is LinearControl's")
         super().__init__(*args, **kwargs)
 
-    def forward(self, context=None, params=None, base=None, per_step=None) -> AffineCoefficients:
+    def forward(
+        self, context=None, params=None, base=None, per_step=None, corrected=True
+    ) -> AffineCoefficients:
         return AffineCoefficients(
-            *self.conditioned(context, params, base, per_step), self.covariance
+            *self.conditioned(context, params, base, per_step, corrected), self.covariance
         )
 
 

@@ -163,9 +163,11 @@ class LinearControl(PerStepCoefficients):
         )
         self.state_scale = state_scale
 
-    def forward(self, context=None, params=None, base=None, per_step=None) -> LinearCoefficients:
+    def forward(
+        self, context=None, params=None, base=None, per_step=None, corrected=True
+    ) -> LinearCoefficients:
         return LinearCoefficients(
-            *self.conditioned(context, params, base, per_step),
+            *self.conditioned(context, params, base, per_step, corrected),
             self.covariance,
             self.state_scale,
             self.diagonal_gain,

@@ -149,6 +149,45 @@ def quadratic_sites(log_likelihood, path: torch.Tensor, differentiable=False) ->
     return GaussianSites(precision.movedim(-3, 0), information.movedim(-2, 0))
 
 
+#: Relative difference below which two linearizations of a model count as the same
+#: (:func:`is_linear_gaussian`).
+LINEARITY_RTOL = 1e-4
+
+
+def is_linear_gaussian(prior: EulerMaruyama, log_likelihood, path: torch.Tensor) -> bool:
+    """Whether the model is linear-Gaussian in the path: the prior's chain (:func:`linearize`)
+    and the likelihood's sites (:func:`quadratic_sites`) are the same about ``path`` and about
+    a path moved by about a tenth of its size in every coordinate (a fixed random stream, the
+    caller's untouched). Then the drift is affine and the diffusion free of the state, the
+    likelihood Gaussian and linear in the path, and the Kalman smoother of the linearization
+    is the exact posterior of the path, wherever it is taken.
+
+    Each of ``h J``, the offsets, ``G``, the precisions and the informations must agree to
+    :data:`LINEARITY_RTOL` relative to its largest entry: a nonlinearity that moves none of
+    them by as much is one the smoother's law would not gain by correcting."""
+    path = path.detach()
+    generator = torch.Generator().manual_seed(0)
+    noise = torch.randn(path.shape, generator=generator, dtype=torch.float64)
+    other = path + 0.1 * (1.0 + path.abs()) * noise.to(path)
+    here, there = linearize(prior, path), linearize(prior, other)
+    sites_here = quadratic_sites(log_likelihood, path)
+    sites_there = quadratic_sites(log_likelihood, other)
+    eye = torch.eye(path.shape[-1], dtype=path.dtype, device=path.device)
+    pairs = (
+        (here.transition - eye, there.transition - eye),
+        (here.offset, there.offset),
+        (here.diffusion, there.diffusion),
+        (sites_here.precision, sites_there.precision),
+        (sites_here.information, sites_there.information),
+    )
+    for a, b in pairs:
+        a, b = torch.broadcast_tensors(a.detach(), b.detach())
+        size = torch.maximum(a.abs().max(), b.abs().max())
+        if not bool((a - b).abs().max() <= LINEARITY_RTOL * size):
+            return False
+    return True
+
+
 def skeleton(prior: EulerMaruyama) -> torch.Tensor:
     """The noise-free path of the prior from the mean of ``x_0``: ``(*batch, K+1, d)``."""
     loc, _ = init_moments(prior.init, prior.state_dim, prior.times)
