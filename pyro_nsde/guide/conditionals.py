@@ -199,8 +199,8 @@ class KalmanConditional(LaplaceStart):
     smoother's chain (``covariance="full"``, or one dimension) the smoother is the exact
     posterior of the path given the parameters, so the corrections could only be wrong:
     they are left out (:attr:`exact`). Learned, SVI's noise moved them away from zero: on
-    ``fit``'s trend model of 162 quarters of US real GDP they cost 5 nats of the ELBO, and
-    the Pareto ``k̂`` of the importance weights was 1.79 with them, 0.23 without."""
+    ``fit``'s trend model of 162 quarters of US real GDP the ELBO was 361 with them and 371
+    without, the Pareto ``k̂`` of the importance weights 1.79 and 0.48."""
 
     corrects_init = True
     #: The reference path need not be precise: it is only where the model is linearized, and
@@ -370,10 +370,10 @@ def _centred(guide, conditional, values, batch_ndim):
 
 
 def _holds_the_smoother(site, prior) -> bool:
-    """Whether the site's family takes a smoother's chain as it is: a full step scale and
-    ``q(x_0)`` (diagonal ones only in one dimension; none for a known ``x_0``) and full gains
-    (the mean shift,
-    ``covariance="prior"``, drops the step covariance, which corrections then make up for)."""
+    """Whether the site's family takes a smoother's chain as it is: full gains, a full step
+    scale and a full ``q(x_0)`` (diagonal ones only in one dimension; none for a known
+    ``x_0``). The mean shift (``covariance="prior"``) drops the step covariance, which the
+    corrections then make up for."""
     one_dim = prior.state_dim == 1 and prior.noise_dim == 1
     covariance = site.control.covariance
     full = covariance == "full" or (covariance == "diagonal" and one_dim)

@@ -108,8 +108,8 @@ class LearnedInitialState:
                 loc = loc + (self.slope.get() @ params[..., None]).squeeze(-1)
             if base is not None:
                 loc = base["init_loc"] + loc
-                full = self.full
-                scale = base["init_scale"] @ scale if full else base["init_scale"] * scale
+                base_scale = base["init_scale"]
+                scale = base_scale @ scale if self.full else base_scale * scale
         if self.full:
             return dist.MultivariateNormal(loc, scale_tril=scale)
         return dist.Normal(loc, scale).to_event(1)
