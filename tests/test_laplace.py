@@ -352,3 +352,23 @@ def test_is_linear_gaussian_tells_linear_gaussian_models_from_others(
     state = torch.get_rng_state()
     assert is_linear_gaussian(prior, log_likelihood, path) is linear
     assert torch.equal(torch.get_rng_state(), state)  # its own random stream
+
+
+def test_is_linear_gaussian_holds_in_single_precision():
+    """``fit`` runs in float32: its rounding must not make a linear model look nonlinear (a
+    local linear trend with precise observations, like ``fit``'s on real GDP)."""
+    times = torch.linspace(0.0, 40.0, 161)
+    drift = lambda t, x: torch.stack([x[..., 1], 0.4 * (0.02 - x[..., 1])], -1)  # noqa: E731
+    init = dist.Normal(torch.zeros(2), 1.0).to_event(1)
+    y = torch.linspace(-1.5, 1.5, 41) + 0.01 * torch.randn(
+        41, generator=torch.Generator().manual_seed(0)
+    )
+
+    def model(y):
+        prior = EulerMaruyama(drift, torch.tensor([0.01, 0.02]), init, times)
+        x = pyro.sample("x", prior)
+        pyro.sample("y", dist.Normal(x[..., ::4, 0], 0.006).to_event(1), obs=y)
+
+    prior, log_likelihood = _prior_and_likelihood(model, y)
+    _, path = laplace(prior, log_likelihood)
+    assert is_linear_gaussian(prior, log_likelihood, path)
