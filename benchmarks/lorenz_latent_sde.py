@@ -405,12 +405,6 @@ def forecast_scores(future: torch.Tensor, y: torch.Tensor) -> dict:
     return scores
 
 
-def persistence_rmse(y: torch.Tensor) -> float:
-    """RMSE of carrying the last fitted observation forward over the held-out times."""
-    last = y[:, LORENZ.TRAIN_TIMES - 1 : LORENZ.TRAIN_TIMES]
-    return float((last - y[:, LORENZ.TRAIN_TIMES :]).pow(2).mean().sqrt())
-
-
 def run(name: str, problem: Problem, args: argparse.Namespace, rng: torch.Tensor) -> dict:
     """Build, train and score one implementation from the torch random state ``rng``."""
     pyro.clear_param_store()
@@ -640,7 +634,7 @@ def main(argv: list[str] | None = None) -> None:
         args.subsample,
     )
     results = {name: run(name, problem, args, rng) for name in args.impls}
-    persistence = persistence_rmse(y)
+    persistence = LORENZ.persistence_rmse(y)
     load_end = load()
     print(f"load average at end: {load_end}")
     print()

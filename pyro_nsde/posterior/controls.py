@@ -330,17 +330,19 @@ class PerStepCoefficients(PyroModule):
         :returns: ``a`` ``(*batch, K, p)``, ``B`` ``(*batch, K, p, d)``, ``S`` as the
             covariance says (or ``None``).
         """
-        if base is not None and not corrected:
-            scale = None if self.covariance == "prior" else base["scale"]
-            loc, gain = base["loc"], base["gain"]
-        else:
+        learned = self.covariance != "prior"
+        if base is None:
             loc, gain = self.loc, self.gain
-            scale = None if self.covariance == "prior" else self.scale
-        if base is not None and corrected:
-            loc, gain = base["loc"] + loc, base["gain"] + gain
-            if scale is not None:
+            scale = self.scale if learned else None
+        elif not corrected:  # an exact base, taken as it is
+            loc, gain = base["loc"], base["gain"]
+            scale = base["scale"] if learned else None
+        else:
+            loc, gain = base["loc"] + self.loc, base["gain"] + self.gain
+            scale = None
+            if learned:
                 full = self.covariance == "full"
-                scale = base["scale"] @ scale if full else base["scale"] * scale
+                scale = base["scale"] @ self.scale if full else base["scale"] * self.scale
         delta = None
         if self.context_head is not None:
             if context is None:
